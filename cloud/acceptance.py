@@ -1,0 +1,79 @@
+"""Verification of a draft against the target's logits: greedy and exact speculative sampling.
+
+Row i of `target_logits` is the target's prediction for the token after context + draft[:i], so a
+draft of k tokens comes with k+1 rows: the last one gives the bonus token when all k are accepted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from common.protocol import DraftDist, SamplingParams
+
+
+def target_probs(logits: np.ndarray, sampling: SamplingParams) -> np.ndarray:
+    """p = the target's sampling distribution: softmax(logits / T), then top-k, then top-p (float64)."""
+    z = np.atleast_2d(logits).astype(np.float64) / sampling.temperature
+    if sampling.top_k and sampling.top_k < z.shape[-1]:
+        kth = np.partition(z, -sampling.top_k, axis=-1)[:, -sampling.top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    z -= z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    if sampling.top_p < 1.0:
+        for row in p:  # keep the smallest set of most likely tokens whose mass reaches top_p
+            order = np.argsort(-row, kind="stable")
+            cut = int(np.searchsorted(np.cumsum(row[order]), sampling.top_p)) + 1
+            row[order[cut:]] = 0.0
+            row /= row.sum()
+    return p
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw from an (unnormalised, non-negative) distribution."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+def next_token(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
+    """What the target alone emits from one row of logits (the reference the verifier must match)."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    return sample(target_probs(logits, sampling)[0], rng)
+
+
+def dense(dist: DraftDist, n_vocab: int) -> np.ndarray:
+    q = np.zeros(n_vocab, dtype=np.float64)
+    q[dist.ids] = dist.probs
+    return q / q.sum()
+
+
+def accept_draft(draft: list[int], target_logits: np.ndarray, sampling: SamplingParams,
+                 draft_dists: list[DraftDist] | None, rng: np.random.Generator) -> tuple[int, int]:
+    """Return (n_accepted, next_token). Output is exactly what the target alone would produce:
+    identical tokens when greedy, identically distributed tokens when sampling."""
+    k = len(draft)
+    assert target_logits.shape[0] == k + 1, "need k+1 rows of target logits"
+    if sampling.greedy:
+        # Greedy: the target alone emits argmax at every position. Accept the longest draft prefix
+        # that equals it; at the first mismatch emit the target's argmax (a correction), else the
+        # argmax after the last draft token (a bonus). Ties break to the lowest id on both paths.
+        best = target_logits.argmax(axis=-1)
+        n = 0
+        while n < k and draft[n] == best[n]:
+            n += 1
+        return n, int(best[n])
+    p = target_probs(target_logits, sampling)                  # [k+1, V]
+    for i, x in enumerate(draft):
+        q = dense(draft_dists[i], p.shape[-1])                  # the edge drew x ~ q
+        # Accept x with probability min(1, p(x)/q(x)). Then P(emit y without rejecting) =
+        # q(y)·min(1, p(y)/q(y)) = min(q(y), p(y)).
+        if rng.random() * q[x] < p[i, x]:
+            continue
+        # Reject: draw from the residual r ∝ max(0, p − q). Its mass is 1 − Σ min(p, q) = P(reject),
+        # so P(emit y) = min(q(y), p(y)) + max(0, p(y) − q(y)) = p(y): exactly the target's law.
+        residual = np.maximum(p[i] - q, 0.0)
+        if residual.sum() <= 0.0:   # p == q up to rounding: rejection had probability ~0
+            residual = p[i]
+        return i, sample(residual, rng)
+    # All k accepted: the k+1-th row is a free token drawn from the target itself.
+    return k, sample(p[k], rng)

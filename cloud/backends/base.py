@@ -1,0 +1,42 @@
+"""What a verifier backend provides: the target's logits for the last positions of a session's tokens.
+
+A backend keeps whatever KV/prefix state it can per session and reuses the longest cached prefix
+when `reuse` is true. Calls are blocking and made one at a time per backend (the verifier runs them
+in a worker thread behind its admission queue).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Backend(ABC):
+    name: str
+    n_vocab: int
+    n_ctx: int
+
+    @abstractmethod
+    def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
+        """float32 logits [n_logits, n_vocab] for the last n_logits positions of `tokens` (row i
+        predicts the token after tokens[len - n_logits + i]), and how many tokens came from cache."""
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session's cached state (no-op where state is shared)."""
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(cfg) -> Backend:
+    """cfg: TandemConfig. Imports the chosen backend lazily (torch and vLLM are optional)."""
+    from common.assets import model_path
+    kind = cfg.cloud.backend
+    if kind == "llama_cpp":
+        from cloud.backends.llamacpp_backend import LlamaCppBackend
+        return LlamaCppBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx, cfg.cloud.n_threads)
+    if kind == "torch":
+        from cloud.backends.torch_backend import TorchBackend
+        return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
+                            cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
+    raise ValueError(f"backend '{kind}' is not a blocking backend")

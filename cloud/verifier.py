@@ -1,0 +1,142 @@
+"""Sessions and verify rounds on top of a backend: validation, idempotent replay, admission, stats."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import numpy as np
+
+from cloud.acceptance import accept_draft, next_token
+from cloud.backends.base import Backend
+from cloud.stats import CloudStats
+from common.config import CloudConfig, Switches
+from common.protocol import GenerateRequest, Timing, VerifyRequest, VerifyResponse
+from common.scheduling import AdmissionQueue
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: Optional[str] = None, **extra):
+        super().__init__(message)
+        self.status, self.message, self.field, self.extra = status, message, field, extra
+
+
+@dataclass
+class Session:
+    tokens: list[int] = field(default_factory=list)    # committed context (prompt + output so far)
+    last_seq: int = -1
+    last_response: Optional[VerifyResponse] = None
+    rng: Optional[np.random.Generator] = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Verifier:
+    def __init__(self, backend: Backend, cfg: CloudConfig, switches: Switches):
+        self.backend = backend
+        self.cfg = cfg
+        self.stats = CloudStats()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.queue = AdmissionQueue(cfg.max_inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
+        self._compute_lock = asyncio.Lock()   # blocking backends compute one call at a time
+
+    # --- sessions ------------------------------------------------------------------------------
+    def _session(self, sid: str, create: bool) -> Optional[Session]:
+        now = time.monotonic()
+        for old in [k for k, s in self.sessions.items() if now - s.touched > self.cfg.session_ttl_s]:
+            self.drop(old)
+        s = self.sessions.get(sid)
+        if s is None and create:
+            s = self.sessions[sid] = Session()
+            while len(self.sessions) > self.cfg.max_sessions:
+                self.drop(next(iter(self.sessions)))
+        if s is not None:
+            s.touched = now
+            self.sessions.move_to_end(sid)
+        return s
+
+    def drop(self, sid: str) -> bool:
+        existed = self.sessions.pop(sid, None) is not None
+        self.backend.drop(sid)
+        return existed
+
+    # --- validation ----------------------------------------------------------------------------
+    def _check_tokens(self, name: str, tokens: list[int]) -> None:
+        bad = next((t for t in tokens if t >= self.backend.n_vocab), None)
+        if bad is not None:
+            raise ApiError(422, f"{name}: token id {bad} is outside the vocabulary (size {self.backend.n_vocab})", name)
+
+    def _check_context(self, n: int) -> None:
+        if n > self.backend.n_ctx:
+            raise ApiError(413, f"context of {n} tokens exceeds the target's window of {self.backend.n_ctx}", "append")
+
+    async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms):
+        t0 = time.perf_counter()
+        async with self.queue.slot(rtt_ms), self._compute_lock:
+            t1 = time.perf_counter()
+            logits, cached = await asyncio.to_thread(self.backend.logits, sid, tokens, n_logits, reuse)
+        t2 = time.perf_counter()
+        return logits, cached, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    # --- verify --------------------------------------------------------------------------------
+    async def verify(self, req: VerifyRequest) -> VerifyResponse:
+        t0 = time.perf_counter()
+        self.stats.requests += 1
+        if len(req.draft) > self.cfg.max_draft:
+            raise ApiError(413, f"draft of {len(req.draft)} tokens exceeds max_draft {self.cfg.max_draft}", "draft")
+        self._check_tokens("append", req.append)
+        self._check_tokens("draft", req.draft)
+        s = self._session(req.session_id, create=req.base_len == 0)
+        if s is None:
+            self.stats.resyncs += 1
+            raise ApiError(409, "unknown session: resend the whole context with base_len=0", "base_len", committed_len=0)
+        async with s.lock:
+            if req.seq == s.last_seq and s.last_response is not None:
+                self.stats.replayed += 1            # a retry: same answer, nothing recomputed
+                return s.last_response
+            if req.base_len == 0:
+                s.tokens, s.last_seq = [], req.seq - 1
+            if req.seq != s.last_seq + 1 or req.base_len != len(s.tokens):
+                self.stats.resyncs += 1
+                raise ApiError(409, f"out of sync: cloud holds {len(s.tokens)} tokens after round {s.last_seq}",
+                               "seq", committed_len=len(s.tokens), last_seq=s.last_seq)
+            context = s.tokens + req.append
+            self._check_context(len(context) + len(req.draft))
+            if s.rng is None or req.base_len == 0:
+                s.rng = np.random.default_rng(req.sampling.seed)
+            logits, cached, queue_ms, compute_ms = await self._logits(
+                req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
+            n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
+            s.tokens = context + req.draft[:n] + [tok]
+            s.last_seq = req.seq
+            server_ms = (time.perf_counter() - t0) * 1e3
+            s.last_response = VerifyResponse(
+                session_id=req.session_id, seq=req.seq, accepted=n, next_token=tok, committed_len=len(s.tokens),
+                timing=Timing(queue_ms=round(queue_ms, 3), compute_ms=round(compute_ms, 3), server_ms=round(server_ms, 3)))
+            self.stats.round(len(req.draft), n, cached, len(context) + len(req.draft) - cached, server_ms, queue_ms)
+            return s.last_response
+
+    # --- target-only generation ------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[int, Timing]]:
+        """Yield the target's own tokens one at a time (the cloud_only mode and lossless reference)."""
+        self.stats.requests += 1
+        self._check_tokens("prompt", req.prompt)
+        self._check_context(len(req.prompt) + req.max_tokens)
+        rng = np.random.default_rng(req.sampling.seed)
+        tokens = list(req.prompt)
+        sid = f"gen:{req.session_id}"
+        try:
+            for _ in range(req.max_tokens):
+                logits, cached, queue_ms, compute_ms = await self._logits(sid, tokens, 1, True, None)
+                tok = next_token(logits[-1], req.sampling, rng)
+                tokens.append(tok)
+                self.stats.generated += 1
+                self.stats.cached_tokens += cached
+                self.stats.computed_tokens += len(tokens) - 1 - cached
+                yield tok, Timing(queue_ms=round(queue_ms, 3), compute_ms=round(compute_ms, 3))
+                if tok in req.stop:
+                    break
+        finally:
+            self.backend.drop(sid)

@@ -1,0 +1,200 @@
+"""Tandem's settings: one YAML file (config/default.yaml), validated, overridable from the CLI.
+
+Every section is a pydantic model with `extra="forbid"`, so an unknown key or a bad value fails with
+a message naming the key (`cloud.bakend: Extra inputs are not permitted`). CLI flags become dotted
+overrides (`--set cloud.port=9000`, or the named flags of each entry point) applied before validation.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfidenceStrategy(str, Enum):
+    MAX_PROB = "max_prob"
+    ENTROPY = "entropy"
+    TEMPERATURE = "temperature"
+    TOP_K_AGG = "top_k_agg"
+    ENSEMBLE = "ensemble"
+
+
+class ModelsConfig(_Section):
+    cache_dir: Optional[str] = None          # None: $TANDEM_CACHE or ~/.cache/tandem
+    draft: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    target: str = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+
+
+class DraftConfig(_Section):
+    min_k: int = Field(1, ge=1, le=32)
+    max_k: int = Field(4, ge=1, le=32)
+    top_n: int = Field(32, ge=1, le=1024)    # support of the sampled draft distribution q (sent to the cloud)
+    n_ctx: int = Field(4096, ge=256)
+    n_threads: int = Field(0, ge=0)          # 0: all cores
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_k > self.max_k:
+            raise ValueError(f"min_k ({self.min_k}) > max_k ({self.max_k})")
+        return self
+
+
+class ConfidenceConfig(_Section):
+    strategy: ConfidenceStrategy = ConfidenceStrategy.MAX_PROB
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)  # for TEMPERATURE: max-prob of softmax(logits / temperature)
+    top_k: int = Field(5, ge=1, le=1000)     # for TOP_K_AGG: probability mass of the k best tokens
+    weights: dict[ConfidenceStrategy, float] = Field(default_factory=lambda: {
+        ConfidenceStrategy.MAX_PROB: 0.4, ConfidenceStrategy.ENTROPY: 0.3,
+        ConfidenceStrategy.TEMPERATURE: 0.15, ConfidenceStrategy.TOP_K_AGG: 0.15})
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if ConfidenceStrategy.ENSEMBLE in self.weights:
+            raise ValueError("weights: 'ensemble' cannot weight itself")
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError("weights: must be >= 0 with a positive sum")
+        return self
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.0, ge=0.0, le=10.0)   # 0: greedy
+    top_k: int = Field(0, ge=0)                         # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1, le=8192)
+    seed: Optional[int] = None
+
+
+class VllmConfig(_Section):
+    model_dir: Optional[str] = None          # bf16 HF folder; None: dequantize the target GGUF into the cache
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    max_num_seqs: int = Field(256, ge=1)
+    prompt_logprobs: int = Field(20, ge=1)   # top-K per draft position for sampled verification
+    enforce_eager: bool = False
+    max_inflight: int = Field(256, ge=1)     # our admission queue in front of vLLM
+
+
+class CloudConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    backend: str = Field("llama_cpp", pattern="^(llama_cpp|torch|vllm)$")
+    n_ctx: int = Field(4096, ge=256)
+    n_threads: int = Field(0, ge=0)
+    max_draft: int = Field(16, ge=1, le=64)
+    max_sessions: int = Field(64, ge=1)
+    session_ttl_s: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_inflight: int = Field(1, ge=1)        # CPU backends: verifications computed at once
+    priority_aging_per_s: float = Field(1000.0, ge=0.0)  # priority units a waiting request gains per second
+    auth_token: Optional[str] = None         # when set, requests need "Authorization: Bearer <token>"
+    torch_device: str = "cpu"
+    torch_dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    vllm: VllmConfig = VllmConfig()
+
+
+class EdgeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    cloud_url: Optional[str] = None          # None: embed a CPU cloud in-process
+    request_timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)
+    retry_backoff_s: float = Field(0.2, ge=0)
+    rtt_probe_interval_s: float = Field(5.0, gt=0)
+    auth_token: Optional[str] = None
+
+
+class Switches(_Section):
+    """Ablation switches. Each is read in exactly one place (named beside it)."""
+    confidence_gating: bool = True   # edge/drafter.py Drafter.__init__: off = always draft max_k
+    draft_verify: bool = True        # edge/generator.py resolve_mode: off = edge-only
+    cloud_only: bool = False         # edge/generator.py resolve_mode: target-only through the cloud
+    kv_cache: bool = True            # edge/generator.py Generator.__init__: edge KV reuse + cloud prefix reuse
+    health_priority: bool = True     # cloud/verifier.py Verifier.__init__: off = FIFO admission
+
+
+class TandemConfig(_Section):
+    models: ModelsConfig = ModelsConfig()
+    draft: DraftConfig = DraftConfig()
+    confidence: ConfidenceConfig = ConfidenceConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    cloud: CloudConfig = CloudConfig()
+    edge: EdgeConfig = EdgeConfig()
+    switches: Switches = Switches()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{key}: {err['msg']}")
+    return "bad configuration: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TandemConfig:
+    """Load YAML (default config/default.yaml), apply dotted overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return TandemConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def add_config_args(ap) -> None:
+    """Flags every entry point shares."""
+    ap.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG})")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set draft.max_k=6 (repeatable)")
+
+
+def config_from_args(args, named: dict[str, Any]) -> TandemConfig:
+    """`named` maps dotted keys to the values of an entry point's own flags (None = not given)."""
+    overrides = dict(named)
+    for item in args.overrides:
+        key, value = parse_override(item)
+        overrides[key] = value
+    return load_config(args.config, overrides)

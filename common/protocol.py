@@ -1,0 +1,128 @@
+"""The edge <-> cloud wire protocol: one typed module used by both sides. JSON over HTTP.
+
+Only token ids travel, never text. A session is a sequence of verify rounds numbered `seq` 0, 1, ...
+The cloud keeps the session's committed tokens; each round the edge says how many it believes the
+cloud holds (`base_len`), adds any committed tokens the cloud lacks (`append`: the prompt in round 0,
+or the whole context when re-syncing after a 409) and the draft. The cloud answers how many draft
+tokens it accepted and the target's next token (the correction, or the bonus when all were accepted).
+A repeated (session_id, seq) returns the stored result: rounds are idempotent, so retries are safe.
+
+Endpoints (cloud): POST /v1/verify, POST /v1/generate (target-only, NDJSON stream),
+DELETE /v1/sessions/{id}, GET /health, GET /stats, GET /metrics.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+
+TokenId = Annotated[int, Field(ge=0)]
+SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class _Message(BaseModel):
+    # strict: no "5" -> 5 or 1 -> True coercion; extra: unknown fields are an error
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SamplingParams(_Message):
+    temperature: float = Field(0.0, ge=0.0, le=10.0)   # 0: greedy
+    top_k: int = Field(0, ge=0)                          # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class DraftDist(_Message):
+    """The draft distribution q at one position, sparse: the edge samples from these `ids` only."""
+    ids: list[TokenId] = Field(min_length=1, max_length=1024)
+    probs: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.ids) != len(self.probs):
+            raise ValueError("ids and probs differ in length")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids repeat")
+        if abs(sum(self.probs) - 1.0) > 1e-3:
+            raise ValueError(f"probs sum to {sum(self.probs):.6f}, not 1")
+        return self
+
+
+class VerifyRequest(_Message):
+    session_id: SessionId
+    seq: int = Field(ge=0)
+    base_len: int = Field(ge=0)                # committed tokens the edge believes the cloud holds
+    append: list[TokenId] = Field(default_factory=list)   # committed tokens the cloud lacks
+    draft: list[TokenId] = Field(min_length=1)            # upper bound checked against cloud.max_draft
+    draft_dists: Optional[list[DraftDist]] = None          # required iff sampling (temperature > 0)
+    sampling: SamplingParams = SamplingParams()
+    reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)
+    rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.base_len == 0 and not self.append:
+            raise ValueError("a session's first round needs the prompt in 'append'")
+        if self.sampling.greedy:
+            if self.draft_dists is not None:
+                raise ValueError("draft_dists must be omitted for greedy verification")
+        else:
+            if self.draft_dists is None or len(self.draft_dists) != len(self.draft):
+                raise ValueError("sampling needs one draft_dists entry per draft token")
+            for i, (tok, dist) in enumerate(zip(self.draft, self.draft_dists)):
+                if tok not in dist.ids:
+                    raise ValueError(f"draft[{i}]={tok} is not in draft_dists[{i}].ids")
+        return self
+
+
+class Timing(_Message):
+    queue_ms: float = 0.0     # waiting for the verifier (admission queue / lock)
+    compute_ms: float = 0.0   # the model
+    server_ms: float = 0.0    # whole handler: parse, queue, compute, serialise
+
+
+class VerifyResponse(_Message):
+    session_id: SessionId
+    seq: int
+    accepted: int = Field(ge=0)      # draft tokens accepted
+    next_token: TokenId              # target's correction (rejection) or bonus (all accepted)
+    committed_len: int = Field(ge=0) # tokens the cloud now holds for the session
+    timing: Timing = Timing()
+
+
+class GenerateRequest(_Message):
+    """Target-only generation (the cloud_only mode and the lossless reference)."""
+    session_id: SessionId
+    prompt: list[TokenId] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, le=8192)
+    sampling: SamplingParams = SamplingParams()
+    stop: list[TokenId] = Field(default_factory=list)
+
+
+class GenerateChunk(_Message):
+    """One NDJSON line of /v1/generate: tokens as they are produced, then a final line with done=True."""
+    token_ids: list[TokenId] = Field(default_factory=list)
+    done: bool = False
+    timing: Optional[Timing] = None
+
+
+class ErrorResponse(_Message):
+    error: str
+    field: Optional[str] = None
+
+
+def validation_message(e: ValidationError) -> tuple[str, Optional[str]]:
+    """A one-line reason and the first offending field of a pydantic error."""
+    errs = e.errors()
+    parts, first = [], None
+    for err in errs[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        first = first or loc or None
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts), first

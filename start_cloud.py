@@ -1,0 +1,59 @@
+"""Start a Tandem cloud node: the target model behind POST /v1/verify (see common/protocol.py).
+
+  python start_cloud.py                              # llama.cpp target on this CPU, 127.0.0.1:8080
+  python start_cloud.py --backend torch              # transformers fp32 reference (CPU or --set cloud.torch_device=cuda)
+  python start_cloud.py --backend vllm --host 0.0.0.0   # vLLM on a GPU (see README)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from common.assets import AssetError
+from common.config import ConfigError, add_config_args, config_from_args
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Tandem cloud node (target verifier).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--host", default=None, help="bind address (default: cloud.host)")
+    ap.add_argument("--port", type=int, default=None, help="port, 0 = any free (default: cloud.port)")
+    ap.add_argument("--backend", choices=["llama_cpp", "torch", "vllm"], default=None,
+                    help="target backend (default: cloud.backend)")
+    ap.add_argument("--n-ctx", type=int, default=None, help="target context window (default: cloud.n_ctx)")
+    ap.add_argument("--max-draft", type=int, default=None, help="longest accepted draft (default: cloud.max_draft)")
+    ap.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/*")
+    add_config_args(ap)
+    return ap.parse_args(argv)
+
+
+async def serve(cfg) -> None:
+    from cloud.node import CloudNode
+    node = await CloudNode.start(cfg)
+    print(f"tandem cloud ({cfg.cloud.backend}) serving on {node.url}", file=sys.stderr, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await node.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = config_from_args(args, {"cloud.host": args.host, "cloud.port": args.port, "cloud.backend": args.backend,
+                                      "cloud.n_ctx": args.n_ctx, "cloud.max_draft": args.max_draft,
+                                      "cloud.auth_token": args.auth_token})
+        asyncio.run(serve(cfg))
+    except (ConfigError, AssetError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
