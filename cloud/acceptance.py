@@ -22,7 +22,7 @@ def target_probs(logits: np.ndarray, sampling: SamplingParams) -> np.ndarray:
     if sampling.top_p < 1.0:
         for row in p:  # keep the smallest set of most likely tokens whose mass reaches top_p
             order = np.argsort(-row, kind="stable")
-            cut = int(np.searchsorted(np.cumsum(row[order]), sampling.top_p)) + 1
+            cut = int(np.searchsorted(np.cumsum(row[order]), sampling.top_p - 1e-9)) + 1
             row[order[cut:]] = 0.0
             row /= row.sum()
     return p
