@@ -23,6 +23,8 @@ def dequantized_dir(gguf: Path, dtype: str, cache: str | None = None) -> Path:
     print(f"dequantizing {gguf.name} to {dtype} (once; cached in {out}) ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=getattr(torch, dtype))
+    if getattr(model, "hf_quantizer", None) is not None:   # plain weights now: save as an ordinary HF model
+        model.hf_quantizer.remove_quantization_config(model)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tmp.replace(out)
