@@ -56,7 +56,9 @@ class TorchBackend(Backend):
             n = min(len(cached), len(tokens) - n_logits)
             while keep < n and cached[keep] == tokens[keep]:
                 keep += 1
-            cache.crop(keep)
+            extra = cache.get_seq_length() - keep
+            if extra > 0:
+                cache.crop(-extra)     # drop the rejected/stale tail
         if keep == 0:
             cache = DynamicCache(config=self.model.config)
         ids = self.torch.tensor([tokens[keep:]], device=self.device)
