@@ -14,7 +14,7 @@ from cloud.backends.base import Backend
 from cloud.stats import CloudStats
 from common.config import CloudConfig, Switches
 from common.protocol import GenerateRequest, Timing, VerifyRequest, VerifyResponse
-from common.scheduling import AdmissionQueue
+from common.scheduling import AdmissionQueue, priority
 
 
 class ApiError(Exception):
@@ -39,8 +39,8 @@ class Verifier:
         self.cfg = cfg
         self.stats = CloudStats()
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.queue = AdmissionQueue(cfg.max_inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
-        self._compute_lock = asyncio.Lock()   # blocking backends compute one call at a time
+        inflight = cfg.vllm.max_inflight if backend.name == "vllm" else cfg.max_inflight
+        self.queue = AdmissionQueue(inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
 
     # --- sessions ------------------------------------------------------------------------------
     def _session(self, sid: str, create: bool) -> Optional[Session]:
@@ -74,9 +74,9 @@ class Verifier:
 
     async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms):
         t0 = time.perf_counter()
-        async with self.queue.slot(rtt_ms), self._compute_lock:
+        async with self.queue.slot(rtt_ms):
             t1 = time.perf_counter()
-            logits, cached = await asyncio.to_thread(self.backend.logits, sid, tokens, n_logits, reuse)
+            logits, cached = await self.backend.alogits(sid, tokens, n_logits, reuse, priority(rtt_ms))
         t2 = time.perf_counter()
         return logits, cached, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

@@ -6,7 +6,9 @@ in a worker thread behind its admission queue).
 """
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import numpy as np
 
@@ -20,6 +22,17 @@ class Backend(ABC):
     def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
         """float32 logits [n_logits, n_vocab] for the last n_logits positions of `tokens` (row i
         predicts the token after tokens[len - n_logits + i]), and how many tokens came from cache."""
+
+    _lock: Optional[asyncio.Lock] = None
+
+    async def alogits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool,
+                      priority: int) -> tuple[np.ndarray, int]:
+        """The async entry the verifier uses. Blocking backends run one call at a time in a worker
+        thread; engines that batch (vLLM) override this and take `priority` (lower runs first)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await asyncio.to_thread(self.logits, session_id, tokens, n_logits, reuse)
 
     def drop(self, session_id: str) -> None:
         """Forget a session's cached state (no-op where state is shared)."""
@@ -39,4 +52,8 @@ def make_backend(cfg) -> Backend:
         from cloud.backends.torch_backend import TorchBackend
         return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
                             cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
-    raise ValueError(f"backend '{kind}' is not a blocking backend")
+    if kind == "vllm":
+        from cloud.backends.vllm_backend import VllmBackend
+        return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.vllm, cfg.cloud.n_ctx,
+                           cfg.models.cache_dir)
+    raise ValueError(f"unknown backend '{kind}'")

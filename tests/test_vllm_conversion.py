@@ -1,0 +1,60 @@
+"""The vLLM logprob -> acceptance conversion on CPU (no vLLM needed), and the GPU backend's import
+guard. The fixture mirrors vLLM 0.26.0's documented shape (prompt logprobs for the uncached tail,
+aligned to the end of the prompt, first entry None; dicts of token id -> Logprob with .logprob);
+it was written by hand from that description, not recorded from a GPU run."""
+from types import SimpleNamespace as LP
+
+import numpy as np
+import pytest
+
+from cloud.acceptance import accept_draft
+from cloud.backends.vllm_backend import logprob_rows
+from common.protocol import SamplingParams
+
+V = 10
+CONTEXT = [1, 2, 3, 4, 5, 6]
+DRAFT = [7, 8, 9]
+
+
+def entry(best, actual=None, lp_best=-0.1):
+    d = {best: LP(logprob=lp_best, rank=1), (best + 1) % V: LP(logprob=-2.5, rank=2)}
+    if actual is not None and actual not in d:
+        d[actual] = LP(logprob=-4.0, rank=7)
+    return d
+
+
+def fixture(target_after):
+    """prompt = CONTEXT + DRAFT with 4 positions cached; target argmax after each position given."""
+    prompt = CONTEXT + DRAFT
+    n_cached = 4
+    pl = [None] + [entry(target_after[p - 1], prompt[p]) for p in range(n_cached + 1, len(prompt))]
+    return prompt, pl, entry(target_after[len(prompt) - 1])
+
+
+def test_rows_align_to_the_end_and_greedy_accepts():
+    # target wants 7 after 6, 8 after 7, 0 after 8 (draft said 9), 4 after 9
+    prompt, pl, last = fixture({**{i: 0 for i in range(9)}, 5: 7, 6: 8, 7: 0, 8: 4})
+    rows = logprob_rows(pl, last, len(prompt), len(DRAFT) + 1, V)
+    assert rows.shape == (4, V)
+    assert rows.argmax(axis=1).tolist() == [7, 8, 0, 4]
+    assert accept_draft(DRAFT, rows, SamplingParams(), None, None) == (2, 0)
+
+
+def test_position_served_from_cache_is_an_error():
+    prompt, pl, last = fixture({i: 0 for i in range(9)})
+    with pytest.raises(LookupError):
+        logprob_rows(pl[3:], last, len(prompt), len(DRAFT) + 1, V)   # tail too short: draft[0] cached
+
+
+def test_sampling_uses_the_renormalised_top_k():
+    prompt, pl, last = fixture({i: 0 for i in range(9)})
+    rows = logprob_rows(pl, last, len(prompt), 2, V)
+    finite = np.isfinite(rows[1])
+    assert finite.sum() == 2          # top-2 only: exact up to the mass outside the top-K
+
+
+def test_vllm_backend_needs_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA here: the vLLM backend runs on the GPU machine")
+    pytest.importorskip("vllm")
