@@ -15,10 +15,9 @@ import asyncio
 import json
 import sys
 
-from common.assets import AssetError
+from common.cli import run_async
 from common.config import ConfigError, add_config_args, config_from_args
 from common.prompts import humaneval
-from edge.cloud_client import CloudError, CloudUnavailable
 from edge.generator import Mode
 
 
@@ -138,16 +137,7 @@ async def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except (ConfigError, AssetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CloudUnavailable, CloudError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+    return run_async(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
-from common.assets import AssetError
-from common.config import ConfigError, add_config_args, config_from_args
+from common.cli import run_async, wait_forever
+from common.config import add_config_args, config_from_args
 
 
 def parse_args(argv=None):
@@ -29,12 +28,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-async def serve(cfg) -> None:
+async def serve(args) -> None:
     from cloud.node import CloudNode
+    cfg = config_from_args(args, {"cloud.host": args.host, "cloud.port": args.port, "cloud.backend": args.backend,
+                                  "cloud.n_ctx": args.n_ctx, "cloud.max_draft": args.max_draft,
+                                  "cloud.auth_token": args.auth_token})
     node = await CloudNode.start(cfg)
     print(f"tandem cloud ({cfg.cloud.backend}) serving on {node.url}", file=sys.stderr, flush=True)
     try:
-        await asyncio.Event().wait()
+        await wait_forever()
     finally:
         await node.close()
 
@@ -42,17 +44,7 @@ async def serve(cfg) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = config_from_args(args, {"cloud.host": args.host, "cloud.port": args.port, "cloud.backend": args.backend,
-                                      "cloud.n_ctx": args.n_ctx, "cloud.max_draft": args.max_draft,
-                                      "cloud.auth_token": args.auth_token})
-        asyncio.run(serve(cfg))
-    except (ConfigError, AssetError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return run_async(lambda: serve(args))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from aiohttp import web
 
-from common.assets import AssetError
+from common.cli import run_async, wait_forever
 from common.config import ConfigError, add_config_args, config_from_args
-from edge.cloud_client import CloudError, CloudUnavailable
 
 
 def parse_args(argv=None):
@@ -31,9 +29,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-async def serve(cfg) -> None:
+async def serve(args) -> None:
     from edge.node import EdgeNode
     from edge.server import make_app
+    cfg = config_from_args(args, {"edge.cloud_url": args.cloud_url, "edge.host": args.host, "edge.port": args.port,
+                                  "draft.max_k": args.max_k, "confidence.strategy": args.strategy,
+                                  "confidence.threshold": args.threshold, "edge.auth_token": args.auth_token})
+    if cfg.edge.cloud_url is None and cfg.switches.draft_verify:
+        raise ConfigError("--cloud-url is required (or --set switches.draft_verify=false for edge-only)")
     async with EdgeNode(cfg, cfg.edge.cloud_url) as node:
         if node.client:
             await node.client.health()
@@ -43,29 +46,13 @@ async def serve(cfg) -> None:
         print(f"tandem edge serving on http://{cfg.edge.host}:{cfg.edge.port} (cloud: {cfg.edge.cloud_url})",
               file=sys.stderr, flush=True)
         try:
-            await asyncio.Event().wait()
+            await wait_forever()
         finally:
             await runner.cleanup()
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = config_from_args(args, {"edge.cloud_url": args.cloud_url, "edge.host": args.host, "edge.port": args.port,
-                                      "draft.max_k": args.max_k, "confidence.strategy": args.strategy,
-                                      "confidence.threshold": args.threshold, "edge.auth_token": args.auth_token})
-        if cfg.edge.cloud_url is None and cfg.switches.draft_verify:
-            raise ConfigError("--cloud-url is required (or --set switches.draft_verify=false for edge-only)")
-        asyncio.run(serve(cfg))
-    except (ConfigError, AssetError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CloudUnavailable, CloudError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return run_async(lambda: serve(parse_args(argv)))
 
 
 if __name__ == "__main__":
