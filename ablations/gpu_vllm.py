@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+PROMPTS_LIMIT = None
 PROMPTS_FILE = Path(__file__).resolve().parent / "results" / "gpu_prompts.json"
 
 
@@ -61,13 +62,17 @@ async def run(args) -> dict:
     model_dir = dequantized_dir(Path(args.gguf), "bfloat16", args.cache)
     result = {"dequantize_s": round(time.time() - t0, 1)}
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.vllm.model_dir": str(model_dir),
-                                 "cloud.max_sessions": 4096, "cloud.n_ctx": 4096})
+                                 "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
+                                 "cloud.vllm.enforce_eager": args.eager})
+    log = lambda msg: print(f"[gpu_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    log(f"dequantized in {result['dequantize_s']} s")
     t0 = time.time()
     backend = VllmBackend(Path(args.gguf), cfg.cloud.vllm, cfg.cloud.n_ctx)
     result["engine_up_s"] = round(time.time() - t0, 1)
+    log(f"engine up in {result['engine_up_s']} s")
     verifier = Verifier(backend, cfg.cloud, cfg.switches)
     runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-    prompts = json.loads(PROMPTS_FILE.read_text())
+    prompts = json.loads(PROMPTS_FILE.read_text())[:PROMPTS_LIMIT]
     n_new, k = args.max_tokens, 4
 
     async def plain(p, rid):
@@ -84,6 +89,7 @@ async def run(args) -> dict:
     plain_s = time.perf_counter() - t0
     result["plain"] = {"sessions": len(prompts), "tokens": sum(map(len, refs)),
                        "tokens_per_s": round(sum(map(len, refs)) / plain_s, 1)}
+    log(f"plain: {result['plain']}")
 
     # 2. the same prompts through our cloud over HTTP, one session each, oracle-style drafts
     round_ms = []
@@ -125,6 +131,7 @@ async def run(args) -> dict:
     result["capacity_ratio_request_per_round"] = round(result["request_per_round"]["tokens_per_s"]
                                                        / result["plain"]["tokens_per_s"], 3)
 
+    log(f"request per round: {result['request_per_round']}, identical {result['lossless_identical']}/{len(prompts)}")
     # 3. verify latency for k=4 at a 1k-token context, with and without prefix-cache reuse
     ctx = (prompts[0]["ids"] * 20)[:1000]
     for reuse in (True, False):
@@ -169,8 +176,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", default="/tmp/stage/qwen/model.gguf")
     ap.add_argument("--cache", default="/tmp/tandem-cache")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=None, help="use the first N prompts")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs): faster start")
     args = ap.parse_args(argv)
+    if args.prompts:
+        global PROMPTS_LIMIT
+        PROMPTS_LIMIT = args.prompts
     if args.command == "prepare":
         prepare()
         return 0

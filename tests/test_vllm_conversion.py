@@ -58,3 +58,20 @@ def test_vllm_backend_needs_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA here: the vLLM backend runs on the GPU machine")
     pytest.importorskip("vllm")
+
+
+def test_recorded_vllm_output_converts_and_verifies():
+    """Fixture recorded on an H100 by `python -m ablations.gpu_vllm run` (vLLM 0.26.0, the 1.5B target
+    in bf16): prompt = chat prompt + the target's own first 6 greedy tokens, prompt_logprobs=5,
+    logprobs=5, max_tokens=1. Verifying the last 4 prompt tokens as a draft must accept all 4 (they are
+    the target's greedy output) and return the generated token as the bonus."""
+    import json
+    from pathlib import Path
+    fx = json.loads((Path(__file__).parent / "fixtures" / "vllm_fixture.json").read_text())
+    pl = [None if e is None else {int(t): lp for t, lp in e.items()} for e in fx["prompt_logprobs"]]
+    last = {int(t): lp for t, lp in fx["sample_logprobs"].items()}
+    prompt = fx["prompt"]
+    rows = logprob_rows(pl, last, len(prompt), fx["n_logits"], 151936)
+    assert rows.shape == (5, 151936)
+    assert all(5 <= np.isfinite(r).sum() <= 6 for r in rows)          # top-5 (+ the prompt token)
+    assert accept_draft(prompt[-4:], rows, SamplingParams(), None, None) == (4, fx["generated"])
