@@ -52,15 +52,10 @@ def print_stats(stats: dict, out=sys.stderr) -> None:
 
 
 async def answer(edge, ids: list[int], args, mode, print_live: bool) -> dict:
-    box, toks, text = [], [], []
-    sampling = edge.sampling(args.temperature, args.seed)
-    max_tokens = args.max_tokens or edge.cfg.sampling.max_tokens
-    async for t, piece in edge.stream(ids, max_tokens, sampling, mode, box):
-        toks += t
-        text.append(piece)
-        if print_live:
-            print(piece, end="", flush=True)
-    return {"text": "".join(text), "token_ids": toks, **box[0].as_dict()}
+    result = await edge.generate(ids, args.max_tokens or edge.cfg.sampling.max_tokens,
+                                 edge.sampling(args.temperature, args.seed), mode,
+                                 on_text=(lambda piece: print(piece, end="", flush=True)) if print_live else None)
+    return result.as_dict()
 
 
 async def interactive(edge, args, mode) -> int:

@@ -2,7 +2,8 @@
 
   # here (CPU): tokenize the prompts once (the device has no llama.cpp tokenizer)
   python -m ablations.gpu_vllm prepare
-  # on the device, after staging vLLM and the target GGUF (see README "Cloud on a GPU"):
+  # on the device, after staging vLLM and the target GGUF (shared/device/README.md; the calls used are
+  # listed in ablations/results/gpu_vllm.md):
   python -m ablations.gpu_vllm run --gguf /tmp/stage/qwen/model.gguf --out $OUT
 
 What is real: vLLM 0.26 AsyncLLMEngine with the 1.5B target (GGUF dequantized to bf16 on the device),
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS_LIMIT = None
 PROMPTS_FILE = Path(__file__).resolve().parent / "results" / "gpu_prompts.json"
 
 
@@ -72,7 +72,7 @@ async def run(args) -> dict:
     log(f"engine up in {result['engine_up_s']} s")
     verifier = Verifier(backend, cfg.cloud, cfg.switches)
     runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-    prompts = json.loads(PROMPTS_FILE.read_text())[:PROMPTS_LIMIT]
+    prompts = json.loads(PROMPTS_FILE.read_text())[:args.prompts]
     n_new, k = args.max_tokens, 4
 
     async def plain(p, rid):
@@ -144,11 +144,10 @@ async def run(args) -> dict:
         result[f"verify_ms_p50_{'reuse' if reuse else 'no_reuse'}"] = round(float(np.median(cfg_k[2:])), 2)
 
     # 4. a fixture for the CPU test of the logprob conversion, recorded from this engine
-    from vllm import SamplingParams as VSP2
     final = None
     toks = prompts[1]["ids"] + refs[1][:6]
     async for o in backend.engine.generate({"prompt_token_ids": toks, "cache_salt": "fixture"},
-                                           VSP2(max_tokens=1, temperature=0.0, logprobs=5, prompt_logprobs=5,
+                                           VSP(max_tokens=1, temperature=0.0, logprobs=5, prompt_logprobs=5,
                                                 detokenize=False), request_id="fixture"):
         final = o
     fixture = {"prompt": toks, "n_logits": 5,
@@ -180,9 +179,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs): faster start")
     args = ap.parse_args(argv)
-    if args.prompts:
-        global PROMPTS_LIMIT
-        PROMPTS_LIMIT = args.prompts
     if args.command == "prepare":
         prepare()
         return 0

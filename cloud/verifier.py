@@ -39,8 +39,7 @@ class Verifier:
         self.cfg = cfg
         self.stats = CloudStats()
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        inflight = cfg.vllm.max_inflight if backend.name == "vllm" else cfg.max_inflight
-        self.queue = AdmissionQueue(inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
+        self.queue = AdmissionQueue(backend.max_inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
 
     # --- sessions ------------------------------------------------------------------------------
     def _session(self, sid: str, create: bool) -> Optional[Session]:

@@ -86,7 +86,7 @@ class VllmConfig(_Section):
     max_num_seqs: int = Field(256, ge=1)
     prompt_logprobs: int = Field(20, ge=1)   # top-K per draft position for sampled verification
     enforce_eager: bool = False
-    max_inflight: int = Field(256, ge=1)     # our admission queue in front of vLLM
+    max_inflight: int = Field(256, ge=1)     # requests in vLLM at once; the rest wait in our priority queue
 
 
 class CloudConfig(_Section):
@@ -99,7 +99,6 @@ class CloudConfig(_Section):
     max_sessions: int = Field(64, ge=1)
     session_ttl_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4 << 20, ge=1024)
-    max_inflight: int = Field(1, ge=1)        # CPU backends: verifications computed at once
     priority_aging_per_s: float = Field(1000.0, ge=0.0)  # priority units a waiting request gains per second
     auth_token: Optional[str] = None         # when set, requests need "Authorization: Bearer <token>"
     torch_device: str = "cpu"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.tokens import common_prefix
+
 
 def llama_threads(n: int) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
@@ -65,13 +67,6 @@ class LlamaRunner:
     def reset(self) -> None:
         self.rollback(0)
 
-    def common_prefix(self, tokens: list[int]) -> int:
-        n = min(len(tokens), len(self.tokens))
-        a = np.asarray(self.tokens[:n], dtype=np.int64)
-        b = np.asarray(tokens[:n], dtype=np.int64)
-        diff = np.flatnonzero(a != b)
-        return int(diff[0]) if diff.size else n
-
     def decode(self, tokens: list[int], n_logits: int = 1) -> np.ndarray:
         """Append `tokens` to the KV cache; return float32 logits [n_logits, n_vocab] for its last
         n_logits positions (row i predicts the token after tokens[len - n_logits + i])."""
@@ -115,6 +110,6 @@ class LlamaRunner:
         """Make the KV cache hold exactly `tokens`, reusing the longest cached prefix (if `reuse`);
         return logits of the last n_logits positions and how many tokens came from the cache.
         At least n_logits tokens are always re-evaluated, since only a decode yields logits."""
-        keep = max(min(self.common_prefix(tokens), len(tokens) - n_logits), 0) if reuse else 0
+        keep = max(min(common_prefix(self.tokens, tokens), len(tokens) - n_logits), 0) if reuse else 0
         self.rollback(keep)
         return self.decode(tokens[keep:], n_logits), keep

@@ -45,7 +45,6 @@ class GenStats:
     ttft_ms: Optional[float] = None
     total_ms: float = 0.0
     draft_ms: float = 0.0         # edge model time
-    server_ms: float = 0.0        # cloud handler time (queue + model + its own overhead)
     compute_ms: float = 0.0       # cloud model time
     round_wall_ms: float = 0.0    # verify round trips as seen by the edge
     error: Optional[str] = None
@@ -132,7 +131,6 @@ class Generator:
                 stats.accepted += r.accepted
                 stats.accept_hist[r.accepted] += 1
                 stats.draft_ms += d.ms
-                stats.server_ms += r.timing.server_ms
                 stats.compute_ms += r.timing.compute_ms
                 stats.round_wall_ms += wall_ms
                 yield new
@@ -157,4 +155,3 @@ class Generator:
                 yield chunk.token_ids
             if chunk.timing:
                 stats.compute_ms += chunk.timing.compute_ms
-                stats.server_ms += chunk.timing.server_ms

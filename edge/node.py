@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from common.assets import model_path
 from common.config import TandemConfig
@@ -74,9 +74,12 @@ class EdgeNode:
             yield [], tail
 
     async def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-                       mode: Optional[Mode] = None) -> Result:
+                       mode: Optional[Mode] = None, on_text: Optional[Callable[[str], None]] = None) -> Result:
+        """The whole answer; `on_text` sees each text piece as it is committed."""
         ids, parts, box = [], [], []
         async for toks, text in self.stream(prompt_ids, max_tokens, sampling, mode, box):
             ids += toks
             parts.append(text)
+            if on_text:
+                on_text(text)
         return Result("".join(parts), ids, box[0])

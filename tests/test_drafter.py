@@ -71,7 +71,8 @@ def test_gating_stops_early_and_off_means_max_k(runner):
     ctx = runner.tokenize(chat("Tell me a story about a dragon."))
     rng = np.random.default_rng(0)
     gated = drafter(runner, True, threshold=0.99).draft(ctx, 6, SamplingParams(), rng, True)
-    assert 1 <= len(gated.tokens) < 6 and gated.confidences[0] >= 0    # min_k=1 always drafted
+    assert 1 <= len(gated.tokens) < 6                                  # min_k=1 always drafted
+    assert all(c >= 0.99 for c in gated.confidences[1:])              # past min_k, only confident tokens
     full = drafter(runner, False, threshold=0.99).draft(ctx, 6, SamplingParams(), rng, True)
     assert len(full.tokens) == 6 and full.tokens[:len(gated.tokens)] == gated.tokens
 

@@ -1,7 +1,6 @@
-"""The vLLM logprob -> acceptance conversion on CPU (no vLLM needed), and the GPU backend's import
-guard. The fixture mirrors vLLM 0.26.0's documented shape (prompt logprobs for the uncached tail,
-aligned to the end of the prompt, first entry None; dicts of token id -> Logprob with .logprob);
-it was written by hand from that description, not recorded from a GPU run."""
+"""The vLLM logprob -> acceptance conversion on CPU (no vLLM needed). The hand-made fixtures mirror
+vLLM 0.26.0's documented shape (prompt logprobs for the uncached tail, aligned to the end of the prompt, first entry None; dicts of token id -> Logprob with .logprob);
+the last test uses output recorded from a real vLLM run."""
 from types import SimpleNamespace as LP
 
 import numpy as np
@@ -51,13 +50,6 @@ def test_sampling_uses_the_renormalised_top_k():
     rows = logprob_rows(pl, last, len(prompt), 2, V)
     finite = np.isfinite(rows[1])
     assert finite.sum() == 2          # top-2 only: exact up to the mass outside the top-K
-
-
-def test_vllm_backend_needs_cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA here: the vLLM backend runs on the GPU machine")
-    pytest.importorskip("vllm")
 
 
 def test_recorded_vllm_output_converts_and_verifies():

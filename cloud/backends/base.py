@@ -17,6 +17,7 @@ class Backend(ABC):
     name: str
     n_vocab: int
     n_ctx: int
+    max_inflight: int = 1      # calls the backend computes at once (the admission queue's width)
 
     @abstractmethod
     def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:

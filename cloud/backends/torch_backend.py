@@ -11,6 +11,7 @@ import numpy as np
 
 from cloud.backends.base import Backend
 from common.assets import cache_dir
+from common.tokens import common_prefix
 
 
 def dequantized_dir(gguf: Path, dtype: str, cache: str | None = None) -> Path:
@@ -53,9 +54,7 @@ class TorchBackend(Backend):
         cached, cache = self.sessions.pop(session_id, ([], None))
         keep = 0
         if reuse and cache is not None:
-            n = min(len(cached), len(tokens) - n_logits)
-            while keep < n and cached[keep] == tokens[keep]:
-                keep += 1
+            keep = max(min(common_prefix(cached, tokens), len(tokens) - n_logits), 0)
             extra = cache.get_seq_length() - keep
             if extra > 0:
                 cache.crop(-extra)     # drop the rejected/stale tail

@@ -63,6 +63,7 @@ class VllmBackend(Backend):
         from cloud.backends.torch_backend import dequantized_dir
         model_dir = cfg.model_dir or str(dequantized_dir(gguf, "bfloat16", cache))
         self.k = cfg.prompt_logprobs
+        self.max_inflight = cfg.max_inflight
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
             model=model_dir, dtype="bfloat16", skip_tokenizer_init=True, enable_prefix_caching=True,
             scheduling_policy="priority", max_model_len=n_ctx, max_logprobs=self.k,
