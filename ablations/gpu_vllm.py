@@ -1,31 +1,49 @@
-"""GPU experiment for the vLLM backend (request-per-round baseline), end to end on the device.
+"""The whole GPU experiment for the vLLM cloud (issue 3), one job per engine, results under --out.
 
-  # here (CPU): tokenize the prompts once (the device has no llama.cpp tokenizer)
-  python -m ablations.gpu_vllm prepare
-  # on the device, after staging vLLM and the target GGUF (shared/device/README.md; the calls used are
-  # listed in ablations/results/gpu_vllm.md):
-  python -m ablations.gpu_vllm run --gguf /tmp/stage/qwen/model.gguf --out $OUT
+  python -m ablations.gpu_vllm prepare                 # here (CPU): tokenize the prompts once
+  python -m ablations.gpu_vllm run --jobs JOB,JOB --out $OUT    # on the device (see the report for staging)
+  python -m ablations.gpu_vllm report DIR [DIR ...]    # here: merge job_*.json into results/gpu_vllm.{json,md}
 
-What is real: vLLM 0.26 AsyncLLMEngine with the 1.5B target (GGUF dequantized to bf16 on the device),
-our aiohttp cloud (cloud/server.py + Verifier + VllmBackend) on loopback, the wire protocol, and the
-acceptance function. What is replayed: the drafts. No llama.cpp drafter runs on the device in this
-script; each round's draft is the target's own greedy continuation (from vLLM alone) with every 4th
-token replaced, i.e. oracle-style drafts. That tests that verification is lossless and measures the
-cloud's per-round cost; it does not measure real acceptance rates.
+Jobs (each starts its own engine in a subprocess, writes job_<name>.json, and keeps what later jobs
+need in --work, /tmp/gpu_work by default):
+  smoke    random-weight 1.5B shape: in-engine design vs vLLM alone (plumbing check, no weights needed)
+  plain    the real 1.5B alone: greedy references (with the top-2 gap per token) and plain streaming
+           throughput at 64 and 256 sessions
+  edges    the in-engine design behind our aiohttp cloud with REAL edges (llama.cpp 0.5B drafter on
+           the device's CPU, our edge code over HTTP): lossless vs `plain`, tau and acceptance; then
+           trace-driven light clients (the real edges' recorded drafts, replayed over HTTP) at 64 and
+           256 sessions, the same engine fed oracle drafts of the same tau (no wire), and a run with
+           the recorded draft time + an emulated RTT; engine step profile
+  big      random-weight 14B: plain vs in-engine (light clients over HTTP, drafts = its own greedy
+           output with every 4th token wrong) vs in-engine oracle, 64 and 256 sessions
+  anchor   vLLM's own speculative decoding with the 0.5B as draft_model, 1 and 64 sessions
+  baseline request-per-round design: verify latency k=4 at 1k context with/without prefix reuse
+  Any job + `--batch-invariant`: VLLM_BATCH_INVARIANT=1 (results suffixed _bi).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
+import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-PROMPTS_FILE = Path(__file__).resolve().parent / "results" / "gpu_prompts.json"
+HERE = Path(__file__).resolve().parent
+PROMPTS_FILE = HERE / "results" / "gpu_prompts.json"
+RESULTS = HERE / "results"
+STOP = {151643, 151645}
+K = 4
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def prepare() -> None:
@@ -39,153 +57,556 @@ def prepare() -> None:
     print(f"wrote {len(rows)} prompts to {PROMPTS_FILE}")
 
 
-def draft_from(ref: list[int], pos: int, k: int, vocab: int) -> list[int]:
-    """Oracle-style draft: the target's own next k tokens, every 4th (by position) replaced."""
+# ---- models ---------------------------------------------------------------------------------------
+QWEN_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN_14B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
+
+
+def shape_dir(work: Path, name: str, shape: dict) -> str:
+    """A config-only Qwen2 folder for load_format=dummy (random weights made on the GPU)."""
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", max_position_embeddings=32768,
+               rms_norm_eps=1e-6, rope_theta=1000000.0, torch_dtype="bfloat16", bos_token_id=151643,
+               eos_token_id=151645, use_sliding_window=False, **shape)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def real_dir(args, which: str) -> str:
+    from cloud.backends.torch_backend import dequantized_dir
+    gguf = args.gguf if which == "target" else args.draft_gguf
+    t0 = time.time()
+    d = dequantized_dir(Path(gguf), "bfloat16", args.cache)
+    log(f"{which} bf16 folder ready in {time.time() - t0:.1f} s: {d}")
+    return str(d)
+
+
+def vcfg(args, **over):
+    from common.config import VllmConfig
+    return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
+                      num_speculative_tokens=K, **over)
+
+
+def prompts(n=None) -> list[dict]:
+    rows = json.loads(PROMPTS_FILE.read_text())
+    return rows[:n] if n else rows
+
+
+def cut(toks: list[int], n: int) -> list[int]:
     out = []
-    for j in range(pos, min(pos + k, len(ref))):
-        out.append(ref[j] if (j + 1) % 4 else (ref[j] + 1) % vocab)
+    for t in toks[:n]:
+        out.append(t)
+        if t in STOP:
+            break
     return out
 
 
-async def run(args) -> dict:
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    import aiohttp
-    from vllm import SamplingParams as VSP
-    from cloud.backends.torch_backend import dequantized_dir
-    from cloud.backends.vllm_backend import VllmBackend
+# ---- plain vLLM (no speculation): references and streaming throughput ------------------------------
+def plain_engine(model_dir, args, **extra):
+    from vllm import EngineArgs, LLMEngine
+    from cloud.backends.vllm_args import engine_kwargs
+    return LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, vcfg(args), 4096, **extra)))
+
+
+_DRIVES = iter(range(10**9))
+
+
+def drive(engine, reqs: list[tuple[list[int], object]]) -> tuple[list[list[int]], list, float]:
+    """Add all requests at once, step to the end: outputs, logprobs, wall seconds. Fresh cache
+    salts per call: no prefix-cache hits across calls (as for new sessions)."""
+    t0 = time.perf_counter()
+    tag = next(_DRIVES)
+    for i, (ids, sp) in enumerate(reqs):
+        engine.add_request(f"r{i}", {"prompt_token_ids": ids, "cache_salt": f"d{tag}r{i}"}, sp)
+    outs, lps = [None] * len(reqs), [None] * len(reqs)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                i = int(o.request_id[1:])
+                outs[i], lps[i] = list(o.outputs[0].token_ids), o.outputs[0].logprobs
+    return outs, lps, time.perf_counter() - t0
+
+
+def throughput(engine, ids_list, sessions: int, n_new: int) -> dict:
+    from vllm import SamplingParams
+    sp = SamplingParams(max_tokens=n_new, temperature=0.0, detokenize=False)
+    reqs = [(ids_list[i % len(ids_list)], sp) for i in range(sessions)]
+    outs, _, wall = drive(engine, reqs)
+    n = sum(map(len, outs))
+    return {"sessions": sessions, "tokens": n, "wall_s": round(wall, 2), "tokens_per_s": round(n / wall, 1)}
+
+
+def job_plain(args, work: Path) -> dict:
+    from vllm import SamplingParams
+    model = real_dir(args, "target")
+    t0 = time.time()
+    eng = plain_engine(model, args)
+    res = {"engine_up_s": round(time.time() - t0, 1)}
+    rows = prompts(args.prompts)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=2, detokenize=False)
+    refs, lps, _ = drive(eng, [(p["ids"], sp) for p in rows])
+    gaps = []
+    for lp in lps:                      # top-1 minus top-2 logprob at each generated position
+        g = []
+        for d in lp:
+            v = sorted((x.logprob for x in d.values()), reverse=True)
+            g.append(round(v[0] - v[1], 4) if len(v) > 1 else None)
+        gaps.append(g)
+    (work / "refs15.json").write_text(json.dumps({"refs": refs, "gaps": gaps}))
+    for s in (64, 256):
+        drive(eng, [(rows[0]["ids"], sp)])       # warm
+        res[f"plain_{s}"] = throughput(eng, [p["ids"] for p in rows], s, args.max_tokens)
+        log(f"plain {s}: {res[f'plain_{s}']}")
+    res["single_stream"] = throughput(eng, [rows[0]["ids"]], 1, args.max_tokens)
+    return res
+
+
+# ---- the in-engine design behind our cloud ---------------------------------------------------------
+async def start_tandem_cloud(model_dir, args, **vover):
+    from cloud.backends.vllm_engine_backend import VllmEngineBackend
     from cloud.server import start_cloud
     from cloud.verifier import Verifier
     from common.config import load_config
-    from common.protocol import VerifyRequest
-
     t0 = time.time()
-    model_dir = dequantized_dir(Path(args.gguf), "bfloat16", args.cache)
-    result = {"dequantize_s": round(time.time() - t0, 1)}
-    cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.vllm.model_dir": str(model_dir),
-                                 "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
-                                 "cloud.vllm.enforce_eager": args.eager})
-    log = lambda msg: print(f"[gpu_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-    log(f"dequantized in {result['dequantize_s']} s")
-    t0 = time.time()
-    backend = VllmBackend(Path(args.gguf), cfg.cloud.vllm, cfg.cloud.n_ctx)
-    result["engine_up_s"] = round(time.time() - t0, 1)
-    log(f"engine up in {result['engine_up_s']} s")
+    vc = vcfg(args, model_dir=model_dir, **vover)
+    backend = VllmEngineBackend(None, vc, 4096)
+    cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
+                                 "cloud.max_draft": 16})
     verifier = Verifier(backend, cfg.cloud, cfg.switches)
     runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-    prompts = json.loads(PROMPTS_FILE.read_text())[:args.prompts]
-    n_new, k = args.max_tokens, 4
+    log(f"in-engine cloud up in {time.time() - t0:.1f} s at {url}")
+    return backend, verifier, runner, url, round(time.time() - t0, 1)
 
-    async def plain(p, rid):
-        out = None
-        async for o in backend.engine.generate({"prompt_token_ids": p["ids"]},
-                                               VSP(max_tokens=n_new, temperature=0.0, ignore_eos=True, detokenize=False),
-                                               request_id=rid):
-            out = o
-        return list(out.outputs[0].token_ids)
 
-    # 1. the target alone (vLLM), all prompts concurrently: reference outputs + plain throughput
-    t0 = time.perf_counter()
-    refs = await asyncio.gather(*[plain(p, f"ref{i}") for i, p in enumerate(prompts)])
-    plain_s = time.perf_counter() - t0
-    result["plain"] = {"sessions": len(prompts), "tokens": sum(map(len, refs)),
-                       "tokens_per_s": round(sum(map(len, refs)) / plain_s, 1)}
-    log(f"plain: {result['plain']}")
+def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, rtt_ms: float, out_q) -> None:
+    """A real edge process: llama.cpp drafter + our Generator, one prompt after another."""
+    from common.config import load_config
+    from edge.generator import GenStats
+    from edge.node import EdgeNode
+    cfg = load_config(overrides={"draft.n_threads": threads, "edge.emulated_rtt_ms": rtt_ms,
+                                 "edge.request_timeout_s": 300})
 
-    # 2. the same prompts through our cloud over HTTP, one session each, oracle-style drafts
-    round_ms = []
+    async def go():
+        async with EdgeNode(cfg, url) as node:
+            for p in rows:
+                box = []
+                ids = []
+                async for toks, _ in node.stream(p["ids"], n_new, node.sampling(), None, box):
+                    ids += toks
+                st: GenStats = box[0]
+                out_q.put({"id": p["id"], "set": p["set"], "out": ids, "stats": st.as_dict(), "trace": st.trace,
+                           "error": st.error})
+    asyncio.run(go())
 
-    async def spec(http, i, p, ref):
-        out, seq, cloud_len, ctx = [], 0, 0, list(p["ids"])
+
+def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    shares = [rows[i::procs] for i in range(procs)]
+    ps = [ctx.Process(target=edge_worker, args=(url, s, n_new, threads, rtt_ms, q)) for s in shares if s]
+    for p in ps:
+        p.start()
+    got = []
+    from tqdm import tqdm
+    for _ in tqdm(range(len(rows)), desc="real edges", mininterval=10):
+        got.append(q.get(timeout=900))
+    for p in ps:
+        p.join()
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    return sorted(got, key=lambda g: order[g["id"]])
+
+
+def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q) -> None:
+    """Trace-driven clients: each session replays recorded drafts by output position over HTTP."""
+    import aiohttp
+
+    async def one(http, s):
+        out, seq, base, ctx = [], 0, 0, list(s["prompt"])
+        rounds = acc = 0
+        trace = {int(k): v for k, v in s["trace"].items()}
         while len(out) < n_new:
-            d = draft_from(ref, len(out), k, backend.n_vocab) or [0]
-            req = VerifyRequest(session_id=f"s{i}", seq=seq, base_len=cloud_len, append=ctx[cloud_len:], draft=d)
-            t = time.perf_counter()
-            async with http.post(url + "/v1/verify", data=req.model_dump_json(),
-                                 headers={"Content-Type": "application/json"}) as r:
-                body = await r.json()
-            round_ms.append((time.perf_counter() - t) * 1e3)
+            rec = trace.get(len(out))
+            draft = rec[0] if rec else (s["fallback"][len(out):len(out) + K] or [0])
+            if timed:
+                await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
+            body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
+            async with http.post(url + "/v1/verify", json=body) as r:
+                data = await r.json()
             if r.status != 200:
-                raise RuntimeError(f"verify failed: {r.status} {body}")
-            new = d[:body["accepted"]] + [body["next_token"]]
+                return {"sid": s["sid"], "error": f"{r.status} {data}", "out": out, "rounds": rounds, "acc": acc}
+            new = draft[:data["accepted"]] + [data["next_token"]]
             out += new
             ctx += new
-            cloud_len, seq = body["committed_len"], seq + 1
-        return out[:n_new], seq
+            base, seq, rounds, acc = data["committed_len"], seq + 1, rounds + 1, acc + data["accepted"]
+            if any(t in STOP for t in new):
+                break
+        async with http.delete(f"{url}/v1/sessions/{s['sid']}") as r:
+            await r.read()
+        return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc,
+                "drafted": 0, "error": None}
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        t0 = time.perf_counter()
-        outs = await asyncio.gather(*[spec(http, i, p, r) for i, (p, r) in enumerate(zip(prompts, refs))])
-        spec_s = time.perf_counter() - t0
-    identical = [o == r for (o, _), r in zip(outs, refs)]
-    rounds = sum(s for _, s in outs)
-    result["lossless_prompts"] = len(prompts)
-    result["lossless_identical"] = int(sum(identical))
-    result["lossless_by_set"] = {s: f"{sum(i for i, p in zip(identical, prompts) if p['set'] == s)}/"
-                                    f"{sum(p['set'] == s for p in prompts)}" for s in ("humaneval", "mtbench")}
-    result["first_divergence"] = [next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), None)
-                                  for (o, _), r in zip(outs, refs)]
-    result["request_per_round"] = {"sessions": len(prompts), "rounds": rounds,
-                                   "tokens_per_s": round(len(prompts) * n_new / spec_s, 1),
-                                   "rounds_per_s": round(rounds / spec_s, 1),
-                                   "round_ms_p50": round(float(np.median(round_ms)), 2)}
-    result["capacity_ratio_request_per_round"] = round(result["request_per_round"]["tokens_per_s"]
-                                                       / result["plain"]["tokens_per_s"], 3)
+    async def go():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=600)) as http:
+            res = await asyncio.gather(*[one(http, s) for s in sessions])
+        out_q.put(res)
+    asyncio.run(go())
 
-    log(f"request per round: {result['request_per_round']}, identical {result['lossless_identical']}/{len(prompts)}")
-    # 3. verify latency for k=4 at a 1k-token context, with and without prefix-cache reuse
-    ctx = (prompts[0]["ids"] * 20)[:1000]
-    for reuse in (True, False):
-        cfg_k = []
-        for rnd in range(12):
-            toks = ctx + refs[0][:rnd * 5]
-            t = time.perf_counter()
-            await backend.alogits(f"lat{reuse}", toks + refs[0][rnd * 5:rnd * 5 + 4], 5, reuse, 0)
-            cfg_k.append((time.perf_counter() - t) * 1e3)
-        result[f"verify_ms_p50_{'reuse' if reuse else 'no_reuse'}"] = round(float(np.median(cfg_k[2:])), 2)
 
-    # 4. a fixture for the CPU test of the logprob conversion, recorded from this engine
-    final = None
-    toks = prompts[1]["ids"] + refs[1][:6]
-    async for o in backend.engine.generate({"prompt_token_ids": toks, "cache_salt": "fixture"},
-                                           VSP(max_tokens=1, temperature=0.0, logprobs=5, prompt_logprobs=5,
-                                                detokenize=False), request_id="fixture"):
-        final = o
-    fixture = {"prompt": toks, "n_logits": 5,
-               "prompt_logprobs": [None if e is None else {str(t): lp.logprob for t, lp in e.items()}
-                                   for e in final.prompt_logprobs[-4:]],
-               "sample_logprobs": {str(t): lp.logprob for t, lp in final.outputs[0].logprobs[0].items()},
-               "generated": final.outputs[0].token_ids[0]}
-    (Path(args.out) / "vllm_fixture.json").write_text(json.dumps(fixture))
+def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0) -> tuple[list[dict], float]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=light_worker, args=(url, sessions[i::procs], n_new, timed, rtt_ms, q))
+          for i in range(procs) if sessions[i::procs]]
+    t0 = time.perf_counter()
+    for p in ps:
+        p.start()
+    res = []
+    for _ in ps:
+        res += q.get(timeout=900)
+    wall = time.perf_counter() - t0
+    for p in ps:
+        p.join()
+    return res, wall
 
-    import torch
-    import vllm
-    result["device"] = torch.cuda.get_device_name(0)
-    result["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
-    result["drafts"] = "replayed oracle-style (target's own greedy output, every 4th token replaced); no real edges"
-    result["max_tokens"] = n_new
-    result["stats"] = verifier.stats.snapshot()
+
+def summary(res: list[dict], wall: float) -> dict:
+    toks = sum(len(r["out"]) for r in res)
+    rounds = sum(r["rounds"] for r in res)
+    return {"sessions": len(res), "tokens": toks, "wall_s": round(wall, 2), "tokens_per_s": round(toks / wall, 1),
+            "rounds": rounds, "tau": round(toks / max(rounds, 1), 3), "errors": sum(bool(r["error"]) for r in res)}
+
+
+async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]], float]:
+    from common.protocol import SamplingParams
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*[backend.run_oracle(s["prompt"], n_new, SamplingParams(), plan_of(s))
+                                  for s in sessions])
+    return [cut(o, n_new) for o in outs], time.perf_counter() - t0
+
+
+def trace_plan(s: dict, vocab: int):
+    """Oracle drafts with the real edges' per-round shape: at output position j the recorded round
+    drafted L tokens and had a accepted: propose fallback[j:j+a] + one wrong token (length L)."""
+    n0, ref, acc = len(s["prompt"]), s["fallback"], {int(k): v for k, v in s["accepted"].items()}
+
+    def plan(n, tokens):
+        j = n - n0
+        L, a = acc.get(j, (K, K - 1))
+        d = ref[j:j + min(a, L)]
+        if len(d) < L and j + len(d) < len(ref):
+            d = d + [(ref[j + len(d)] + 1) % vocab]
+        return d
+    return plan
+
+
+def every4_plan(ref_by_prompt: dict, vocab: int):
+    def make(s):
+        n0, ref = len(s["prompt"]), s["fallback"]
+
+        def plan(n, tokens):
+            return oracle_draft(ref, n - n0, K, vocab)
+        return plan
+    return make
+
+
+def oracle_draft(ref: list[int], pos: int, k: int, vocab: int) -> list[int]:
+    """The target's own next k tokens, every 4th (by position) replaced: tau = 4 when exact."""
+    return [ref[j] if (j + 1) % 4 else (ref[j] + 1) % vocab for j in range(pos, min(pos + k, len(ref)))]
+
+
+def engine_profile(backend) -> dict:
+    st = backend.engine_stats()
+    st["ms_per_step"] = round(1e3 * st["step_s"] / max(st["steps"], 1), 3)
+    st["schedule_ms_per_step"] = round(1e3 * st["schedule_s"] / max(st["steps"], 1), 3)
+    return st
+
+
+def reset_stats(backend) -> None:
+    from cloud.backends.vllm_engine_backend import EngineStats
+    backend.stats = EngineStats()
+    backend.scheduler.schedule_s = 0.0
+
+
+async def job_edges(args, work: Path) -> dict:
+    model = real_dir(args, "target")
+    ref = json.loads((work / "refs15.json").read_text())
+    rows = prompts(args.prompts)
+    backend, verifier, runner, url, up = await start_tandem_cloud(model, args)
+    res = {"engine_up_s": up}
+    # 1. real edges
+    t0 = time.perf_counter()
+    edges = await asyncio.to_thread(run_real_edges, url, rows, args.max_tokens, args.edge_procs, args.edge_threads)
+    res["real_edges_wall_s"] = round(time.perf_counter() - t0, 1)
+    ident, div = [], []
+    for e, r, g in zip(edges, ref["refs"], ref["gaps"]):
+        a, b = cut(e["out"], args.max_tokens), cut(r, args.max_tokens)
+        same = a == b
+        ident.append(same)
+        if not same:
+            j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            div.append({"id": e["id"], "set": e["set"], "position": j, "ref_top2_gap": g[j] if j < len(g) else None,
+                        "edge_token": a[j] if j < len(a) else None, "ref_token": b[j] if j < len(b) else None,
+                        "error": e["error"]})
+    res["lossless_prompts"] = len(rows)
+    res["lossless_identical"] = int(sum(ident))
+    res["lossless_divergences"] = div
+    for name in ("humaneval", "mtbench"):
+        sel = [e for e in edges if e["set"] == name]
+        rounds = sum(e["stats"]["rounds"] for e in sel)
+        acc = sum(e["stats"]["accepted"] for e in sel)
+        drafted = sum(e["stats"]["drafted"] for e in sel)
+        res[f"identical_{name}"] = f"{sum(i for i, e in zip(ident, edges) if e['set'] == name)}/{len(sel)}"
+        res[f"tau_{name}"] = round((acc + rounds) / max(rounds, 1), 3)
+        res[f"acceptance_rate_{name}"] = round(acc / max(drafted, 1), 3)
+        res[f"draft_ms_per_round_{name}"] = round(float(np.mean([e["stats"]["draft_ms_per_round"] or 0 for e in sel])), 2)
+    res["edge_errors"] = [e["error"] for e in edges if e["error"]]
+    log(f"real edges: identical {res['lossless_identical']}/{len(rows)}, tau {res['tau_humaneval']}/{res['tau_mtbench']}")
+    sessions = []
+    for e, p in zip(edges, rows):
+        tr = {str(pos): [d, ms] for pos, d, a, ms in e["trace"]}
+        accd = {str(pos): [len(d), a] for pos, d, a, ms in e["trace"]}
+        sessions.append({"prompt": p["ids"], "trace": tr, "accepted": accd, "fallback": e["out"]})
+    (work / "traces15.json").write_text(json.dumps(sessions))
+    # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
+    for s in (64, 256):
+        ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
+        reset_stats(backend)
+        out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
+        res[f"replay_{s}"] = summary(out, wall) | {"engine": engine_profile(backend)}
+        reset_stats(backend)
+        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: trace_plan(x, backend.n_vocab))
+        res[f"oracle_{s}"] = {"sessions": s, "tokens": sum(map(len, outs)), "wall_s": round(wall, 2),
+                              "tokens_per_s": round(sum(map(len, outs)) / wall, 1), "engine": engine_profile(backend)}
+        log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
+    # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
+    ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
+    reset_stats(backend)
+    out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens, 4, True, args.rtt_ms)
+    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": engine_profile(backend)}
+    # 4. profile the engine thread's steps during a replay at 64 sessions
+    res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work)
+    res["cloud_stats"] = verifier.stats.snapshot()
     await runner.cleanup()
     backend.close()
-    return result
+    return res
+
+
+async def profiled(backend, url, sessions, n_new, work: Path) -> dict:
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    step = backend.engine.step
+
+    def wrapped():
+        prof.enable()
+        try:
+            return step()
+        finally:
+            prof.disable()
+    backend.engine.step = wrapped
+    ss = [dict(sessions[i % len(sessions)], sid=f"p64-{i}") for i in range(64)]
+    reset_stats(backend)
+    out, wall = await asyncio.to_thread(run_light, url, ss, n_new)
+    backend.engine.step = step
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    (work / "profile_64.txt").write_text(buf.getvalue())
+    return summary(out, wall) | {"engine": engine_profile(backend), "top": buf.getvalue().splitlines()[:60]}
+
+
+def job_smoke(args, work: Path) -> dict:
+    return asyncio.run(_smoke(args, work))
+
+
+async def _smoke(args, work: Path) -> dict:
+    """Random 1.5B-shaped weights: the in-engine path must reproduce the same engine's plain output."""
+    from common.protocol import SamplingParams
+    model = shape_dir(work, "shape15", QWEN_15B)
+    backend, verifier, runner, url, up = await start_tandem_cloud(model, args, load_format="dummy")
+    rows = prompts(8)
+    plain = []
+    for p in rows:
+        plain.append(cut([t async for t in backend.agenerate("g", p["ids"], 32, SamplingParams())], 32))
+    sessions = [{"prompt": p["ids"], "trace": {}, "fallback": r, "sid": f"s{i}"} for i, (p, r) in enumerate(zip(rows, plain))]
+    out, wall = await asyncio.to_thread(run_light, url, sessions, 32, 2)
+    orc, _ = await oracle_run(backend, sessions, 32, every4_plan(None, backend.n_vocab))
+    res = {"engine_up_s": up, "plain": plain, "http_identical": sum(o["out"] == r for o, r in zip(out, plain)),
+           "oracle_identical": sum(o == r for o, r in zip(orc, plain)), "http": summary(out, wall),
+           "errors": [o["error"] for o in out if o["error"]], "engine": engine_profile(backend)}
+    log(f"smoke: {json.dumps({k: v for k, v in res.items() if k != 'plain'})}")
+    await runner.cleanup()
+    backend.close()
+    return res
+
+
+async def _big(args, work: Path, spec: bool) -> dict:
+    from common.protocol import SamplingParams
+    model = shape_dir(work, "shape14b", QWEN_14B)
+    rows = prompts(args.prompts)
+    res = {}
+    if not spec:
+        from vllm import SamplingParams as VSP
+        t0 = time.time()
+        eng = plain_engine(model, args, load_format="dummy", max_model_len=2048)
+        res["engine_up_s"] = round(time.time() - t0, 1)
+        refs, _, _ = drive(eng, [(p["ids"], VSP(max_tokens=args.max_tokens, temperature=0.0, detokenize=False))
+                                 for p in rows])
+        (work / "refs14.json").write_text(json.dumps(refs))
+        for s in (64, 256):
+            res[f"plain_{s}"] = throughput(eng, [p["ids"] for p in rows], s, args.max_tokens)
+            log(f"14B plain {s}: {res[f'plain_{s}']}")
+        return res
+    refs = json.loads((work / "refs14.json").read_text())
+    backend, verifier, runner, url, up = await start_tandem_cloud(model, args, load_format="dummy")
+    res["engine_up_s"] = up
+    base = [{"prompt": p["ids"], "fallback": r} for p, r in zip(rows, refs)]
+    for s in (64, 256):
+        ss = []
+        for i in range(s):
+            b = base[i % len(base)]
+            tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
+            ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
+        reset_stats(backend)
+        out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
+        res[f"ours_{s}"] = summary(out, wall) | {"engine": engine_profile(backend)}
+        reset_stats(backend)
+        outs, wall = await oracle_run(backend, ss, args.max_tokens, every4_plan(None, backend.n_vocab))
+        res[f"oracle_{s}"] = {"sessions": s, "tokens": sum(map(len, outs)), "wall_s": round(wall, 2),
+                              "tokens_per_s": round(sum(map(len, outs)) / wall, 1), "engine": engine_profile(backend)}
+        log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
+    await runner.cleanup()
+    backend.close()
+    return res
+
+
+def job_anchor(args, work: Path) -> dict:
+    """vLLM's own speculative decoding: the 0.5B as draft_model next to the 1.5B (co-located)."""
+    from vllm import SamplingParams
+    target, draft = real_dir(args, "target"), real_dir(args, "draft")
+    t0 = time.time()
+    try:
+        eng = plain_engine(target, args, speculative_config={"method": "draft_model", "model": draft,
+                                                             "num_speculative_tokens": K})
+    except Exception as e:  # noqa: BLE001 - recorded in the report
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    res = {"engine_up_s": round(time.time() - t0, 1)}
+    rows = prompts(args.prompts)
+    ref = json.loads((work / "refs15.json").read_text())["refs"] if (work / "refs15.json").exists() else None
+    outs, _, _ = drive(eng, [(p["ids"], SamplingParams(max_tokens=args.max_tokens, temperature=0.0, detokenize=False))
+                             for p in rows])
+    if ref:
+        res["identical_to_plain"] = f"{sum(cut(a, 10**6) == cut(b, 10**6) for a, b in zip(outs, ref))}/{len(rows)}"
+    for s in (1, 64):
+        res[f"anchor_{s}"] = throughput(eng, [p["ids"] for p in rows], s, args.max_tokens)
+        log(f"anchor {s}: {res[f'anchor_{s}']}")
+    return res
+
+
+async def job_baseline(args, work: Path) -> dict:
+    """Request-per-round design: verify latency k=4 at a 1k context, with and without prefix reuse."""
+    from cloud.backends.vllm_backend import VllmBackend
+    model = real_dir(args, "target")
+    backend = VllmBackend(None, vcfg(args, model_dir=model), 4096)
+    rows = prompts(2)
+    ctx = (rows[0]["ids"] * 20)[:1000]
+    res = {}
+    for reuse in (True, False):
+        ms = []
+        for rnd in range(12):
+            toks = ctx + [rows[1]["ids"][rnd % len(rows[1]["ids"])]] * (rnd * 5)
+            t = time.perf_counter()
+            await backend.alogits(f"lat{reuse}", toks + [13] * 4, 5, reuse, 0)
+            ms.append((time.perf_counter() - t) * 1e3)
+        res[f"verify_ms_p50_{'reuse' if reuse else 'no_reuse'}"] = round(float(np.median(ms[2:])), 2)
+    backend.close()
+    return res
+
+
+JOBS = {"smoke": job_smoke, "plain": job_plain, "edges": lambda a, w: asyncio.run(job_edges(a, w)),
+        "big_plain": lambda a, w: asyncio.run(_big(a, w, False)), "big": lambda a, w: asyncio.run(_big(a, w, True)),
+        "anchor": job_anchor, "baseline": lambda a, w: asyncio.run(job_baseline(a, w))}
+
+
+def stage_cache(args) -> None:
+    """Point TANDEM_CACHE at the staged GGUFs (sha256-checked by the staging kit's append.sh) and
+    stamp them as verified, so the edge code finds them as it would after `common.assets install`."""
+    from common.assets import MODELS, _stamp, _stamp_text
+    d = Path(args.draft_gguf).parent
+    target = d / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if not target.exists() and Path(args.gguf).exists():
+        target.symlink_to(args.gguf)
+    for name, model in MODELS.items():
+        p = d / f"{name}.gguf"
+        if p.exists():
+            _stamp(p).write_text(_stamp_text(p, model))
+    os.environ["TANDEM_CACHE"] = str(d)
+
+
+def run_job(args) -> int:
+    stage_cache(args)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "")
+    t0 = time.time()
+    try:
+        res = JOBS[args.job](args, work)
+    except Exception as e:  # noqa: BLE001 - the job's failure is a result too
+        import traceback
+        res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    res["job_s"] = round(time.time() - t0, 1)
+    import torch
+    import vllm
+    res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    res["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
+    res["execution"] = args.execution
+    (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
+    (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
+    log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["prepare", "run"])
+    ap.add_argument("command", choices=["prepare", "run", "job", "report"])
+    ap.add_argument("dirs", nargs="*")
+    ap.add_argument("--jobs", default="smoke")
+    ap.add_argument("--job")
     ap.add_argument("--gguf", default="/tmp/stage/qwen/model.gguf")
+    ap.add_argument("--draft-gguf", default="/tmp/stage/tandem/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
     ap.add_argument("--cache", default="/tmp/tandem-cache")
+    ap.add_argument("--work", default="/tmp/gpu_work")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=None, help="use the first N prompts")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--execution", default="graphs", choices=["eager", "graphs", "compiled"])
+    ap.add_argument("--edge-procs", type=int, default=7)
+    ap.add_argument("--edge-threads", type=int, default=2)
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--batch-invariant", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs): faster start")
     args = ap.parse_args(argv)
     if args.command == "prepare":
         prepare()
         return 0
-    result = asyncio.run(run(args))
-    result["command"] = "python -m ablations.gpu_vllm " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(args.out, "gpu_vllm.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("stats", "first_divergence")}, indent=1))
+    if args.command == "report":
+        from ablations.gpu_report import report
+        return report([Path(d) for d in args.dirs])
+    if args.command == "job":
+        return run_job(args)
+    env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONUNBUFFERED="1")
+    if args.batch_invariant:
+        env["VLLM_BATCH_INVARIANT"] = "1"
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("run",)]
+    passthrough = [a for i, a in enumerate(passthrough) if not (a == "--jobs" or (i and passthrough[i - 1] == "--jobs"))]
+    passthrough = [a for a in passthrough if a != "--batch-invariant"]
+    for job in args.jobs.split(","):
+        log(f"--- job {job}")
+        subprocess.run([sys.executable, "-m", "ablations.gpu_vllm", "job", "--job", job, *passthrough], env=env)
     return 0
 
 

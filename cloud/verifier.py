@@ -10,7 +10,7 @@ from typing import AsyncIterator, Optional
 import numpy as np
 
 from cloud.acceptance import accept_draft, next_token
-from cloud.backends.base import Backend
+from cloud.backends.base import Backend, SessionEnded
 from cloud.stats import CloudStats
 from common.config import CloudConfig, Switches
 from common.protocol import GenerateRequest, Timing, VerifyRequest, VerifyResponse
@@ -40,6 +40,8 @@ class Verifier:
         self.stats = CloudStats()
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.queue = AdmissionQueue(backend.max_inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
+        if backend.verifies:
+            backend.set_order(self.queue.key)   # the engine's scheduler orders sessions by the same key
 
     # --- sessions ------------------------------------------------------------------------------
     def _session(self, sid: str, create: bool) -> Optional[Session]:
@@ -105,9 +107,20 @@ class Verifier:
             self._check_context(len(context) + len(req.draft))
             if s.rng is None or req.base_len == 0:
                 s.rng = np.random.default_rng(req.sampling.seed)
-            logits, cached, queue_ms, compute_ms = await self._logits(
-                req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
-            n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
+            if self.backend.verifies:      # in-engine verification: the engine accepts and samples
+                t1 = time.perf_counter()
+                try:
+                    n, tok, cached = await self.backend.averify(req.session_id, context, req.draft, req.sampling,
+                                                                req.rtt_ms, req.reuse_cache)
+                except SessionEnded as e:
+                    self.drop(req.session_id)
+                    raise ApiError(409, f"{e}: resend the whole context with base_len=0", "base_len",
+                                   committed_len=0) from e
+                queue_ms, compute_ms = 0.0, (time.perf_counter() - t1) * 1e3
+            else:
+                logits, cached, queue_ms, compute_ms = await self._logits(
+                    req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
+                n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
             s.tokens = context + req.draft[:n] + [tok]
             s.last_seq = req.seq
             server_ms = (time.perf_counter() - t0) * 1e3
@@ -123,6 +136,13 @@ class Verifier:
         self.stats.requests += 1
         self._check_tokens("prompt", req.prompt)
         self._check_context(len(req.prompt) + req.max_tokens)
+        if self.backend.verifies:
+            async for tok in self.backend.agenerate(req.session_id, req.prompt, req.max_tokens, req.sampling):
+                self.stats.generated += 1
+                yield tok, Timing()
+                if tok in req.stop:
+                    return
+            return
         rng = np.random.default_rng(req.sampling.seed)
         tokens = list(req.prompt)
         sid = f"gen:{req.session_id}"

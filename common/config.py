@@ -79,13 +79,18 @@ class SamplingConfig(_Section):
 
 
 class VllmConfig(_Section):
+    design: str = Field("in_engine", pattern="^(in_engine|request_per_round)$")
     model_dir: Optional[str] = None          # bf16 HF folder; None: dequantize the target GGUF into the cache
+    load_format: str = "auto"                # "dummy": random weights (benchmarks of big shapes)
+    execution: str = Field("graphs", pattern="^(eager|graphs|compiled)$")
+    num_speculative_tokens: int = Field(4, ge=1, le=64)   # in_engine: draft slots per step (>= edge max_k)
+    draft_timeout_s: float = Field(30.0, gt=0)            # in_engine: a session parked longer is aborted
+    gather_ms: float = Field(1.0, ge=0.0)                 # in_engine: wait this long to batch drafts into a step
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     max_num_seqs: int = Field(256, ge=1)
     prompt_logprobs: int = Field(20, ge=1)   # top-K per draft position for sampled verification
-    enforce_eager: bool = False
     max_inflight: int = Field(256, ge=1)     # requests in vLLM at once; the rest wait in our priority queue
 
 
@@ -116,6 +121,7 @@ class EdgeConfig(_Section):
     retry_backoff_s: float = Field(0.2, ge=0)
     rtt_probe_interval_s: float = Field(5.0, gt=0)
     auth_token: Optional[str] = None
+    emulated_rtt_ms: float = Field(0.0, ge=0.0)   # experiments: add this delay to every cloud call (half each way)
 
 
 class Switches(_Section):

@@ -44,16 +44,16 @@ class AdmissionQueue:
         self._heap: list[tuple[float, int, asyncio.Future]] = []
         self._counter = itertools.count()
 
-    def _key(self, rtt_ms: Optional[float]) -> float:
-        now = time.monotonic()
-        return aged_key(rtt_ms, now, self.aging_per_s) if self.by_health else now
+    def key(self, rtt_ms: Optional[float], since_s: float) -> float:
+        """The ordering shared with the in-engine scheduler: smaller runs first."""
+        return aged_key(rtt_ms, since_s, self.aging_per_s) if self.by_health else since_s
 
     async def acquire(self, rtt_ms: Optional[float]) -> None:
         if self._inflight < self.max_inflight and not self._heap:
             self._inflight += 1
             return
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (self._key(rtt_ms), next(self._counter), fut))
+        heapq.heappush(self._heap, (self.key(rtt_ms, time.monotonic()), next(self._counter), fut))
         try:
             await fut
         except asyncio.CancelledError:

@@ -62,9 +62,13 @@ class CloudClient:
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             t0 = time.perf_counter()
             try:
+                if self.cfg.emulated_rtt_ms:
+                    await asyncio.sleep(self.cfg.emulated_rtt_ms / 2e3)      # uplink
                 async with self._session.post(self.base_url + path, data=body,
                                               headers={"Content-Type": "application/json"}) as r:
                     data = await r.json(content_type=None)
+                    if self.cfg.emulated_rtt_ms:
+                        await asyncio.sleep(self.cfg.emulated_rtt_ms / 2e3)  # downlink
                     wall_ms = (time.perf_counter() - t0) * 1e3
                     if r.status < 400:
                         return data, wall_ms

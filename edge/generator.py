@@ -48,6 +48,7 @@ class GenStats:
     compute_ms: float = 0.0       # cloud model time
     round_wall_ms: float = 0.0    # verify round trips as seen by the edge
     error: Optional[str] = None
+    trace: list = field(default_factory=list)   # per round: (output position, draft, accepted, draft ms)
 
     def as_dict(self) -> dict:
         r = self.rounds or 1
@@ -124,6 +125,7 @@ class Generator:
                     continue
                 # 3. Commit; the drafter's KV is rolled back to this context at the next draft().
                 new = d.tokens[:r.accepted] + [r.next_token]
+                stats.trace.append((len(context) - n_prompt, d.tokens, r.accepted, round(d.ms, 2)))
                 context += new
                 cloud_len, seq = r.committed_len, seq + 1
                 stats.rounds += 1

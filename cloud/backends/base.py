@@ -18,6 +18,7 @@ class Backend(ABC):
     n_vocab: int
     n_ctx: int
     max_inflight: int = 1      # calls the backend computes at once (the admission queue's width)
+    verifies: bool = False     # True: the backend verifies rounds itself (averify/agenerate, in-engine vLLM)
 
     @abstractmethod
     def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
@@ -42,6 +43,10 @@ class Backend(ABC):
         pass
 
 
+class SessionEnded(RuntimeError):
+    """A verifying backend lost the session's state (its engine request ended) mid-round."""
+
+
 def make_backend(cfg) -> Backend:
     """cfg: TandemConfig. Imports the chosen backend lazily (torch and vLLM are optional)."""
     from common.assets import model_path
@@ -53,6 +58,10 @@ def make_backend(cfg) -> Backend:
         from cloud.backends.torch_backend import TorchBackend
         return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
                             cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
+    if kind == "vllm" and cfg.cloud.vllm.design == "in_engine":
+        from cloud.backends.vllm_engine_backend import VllmEngineBackend
+        return VllmEngineBackend(model_path(cfg.models.target, cfg.models.cache_dir) if not cfg.cloud.vllm.model_dir
+                                 else None, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
     if kind == "vllm":
         from cloud.backends.vllm_backend import VllmBackend
         return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.vllm, cfg.cloud.n_ctx,

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from cloud.backends.base import Backend
+from cloud.backends.vllm_args import engine_kwargs
 from common.config import VllmConfig
 
 
@@ -65,11 +66,7 @@ class VllmBackend(Backend):
         self.k = cfg.prompt_logprobs
         self.max_inflight = cfg.max_inflight
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=model_dir, dtype="bfloat16", skip_tokenizer_init=True, enable_prefix_caching=True,
-            scheduling_policy="priority", max_model_len=n_ctx, max_logprobs=self.k,
-            tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=cfg.enforce_eager))
+            **engine_kwargs(model_dir, cfg, n_ctx, max_logprobs=self.k)))
         from transformers import AutoConfig
         self.n_vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         self.n_ctx = n_ctx

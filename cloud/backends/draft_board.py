@@ -1,0 +1,171 @@
+"""Where edge drafts meet vLLM's scheduler: one long-lived engine request per edge session.
+
+Pure Python (no vLLM import): the in-engine backend posts drafts here from the HTTP side, the
+scheduler subclass (cloud/backends/vllm_plugins.py) asks it every engine step what each running
+request may do, and the engine thread feeds it each step's new tokens to resolve rounds.
+
+Semantics, for a session whose request holds tokens T (prompt + output, len n) and whose last
+sampled token T[n-1] is not yet computed (a request in decode):
+* A draft D is posted for position p0 (the edge drafted D after its committed context T[:p0]).
+* Alignment by content: the request may already hold tokens past p0 (round 0: the prefill sampled
+  T[p0] itself). While T[p0:n] == D[:n-p0] and n - p0 <= len(D), the request steps with spec tokens
+  D[n-p0:] (possibly none: then the step only samples the token after D).
+* The round resolves as soon as the produced tokens P = T[p0:] differ from D or run past it:
+  accepted a = common prefix of P and D, next token = P[a] (the correction or the bonus). If the
+  request finishes first (EOS, length), the last produced token is the next token.
+* No draft posted for the current position: the request is *parked* (not scheduled; its KV blocks
+  stay resident) until one arrives or `timeout_s` passes, after which the backend aborts it and the
+  edge's next round gets a 409 and re-syncs.
+* Oracle sessions (benchmarks) get their draft from a plan function at schedule time instead of
+  over the wire; plain sessions (target-only reference) are never touched.
+
+Greedy exactness: vLLM's rejection sampler accepts a draft token iff it equals the target's argmax
+and samples the bonus/correction as the argmax, so the output equals greedy decoding of the same
+engine (up to bf16 batch-shape effects at near-ties). Sampled exactness: the board passes no draft
+probabilities, so vLLM treats each draft token x as a point-mass proposal: accept with p(x), else
+sample from p with x removed, renormalised. P(y) = q(y)p(y) + sum_{x != y} q(x)(1-p(x)) p(y)/(1-p(x))
+= p(y) for any law q the edge drew x from: exact, at a lower acceptance than min(1, p/q).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+PARK = "park"          # spec_for(): do not schedule this request this step
+
+
+@dataclass
+class Round:
+    start: int                                   # position of draft[0] in the request's tokens
+    draft: list[int]
+    posted: float
+    on_done: Callable[[int, int], None]          # (accepted, next_token)
+    on_error: Callable[[str], None]
+
+
+@dataclass
+class Slot:
+    req_id: str
+    kind: str                                    # "edge" | "oracle" | "plain"
+    tokens: list[int]                            # prompt + output seen so far
+    rtt_ms: Optional[float] = None
+    round: Optional[Round] = None
+    plan: Optional[Callable[[int, list[int]], list[int]]] = None   # oracle: (n, tokens) -> draft
+    parked_since: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+def align(tokens: list[int], start: int, draft: list[int]) -> Optional[list[int]]:
+    """Spec tokens for a request holding `tokens` given a draft for position `start`, or None when
+    the round is already decided by the tokens produced since `start`."""
+    m = len(tokens) - start
+    if m < 0 or m > len(draft) or tokens[start:] != draft[:m]:
+        return None
+    return draft[m:]
+
+
+def resolve(tokens: list[int], start: int, draft: list[int], finished: bool) -> Optional[tuple[int, int]]:
+    """(accepted, next_token) once the tokens produced since `start` decide the round, else None."""
+    produced = tokens[start:]
+    a = 0
+    while a < min(len(produced), len(draft)) and produced[a] == draft[a]:
+        a += 1
+    if len(produced) > a:
+        return a, produced[a]
+    if finished and produced:
+        return len(produced) - 1, produced[-1]
+    return None
+
+
+class DraftBoard:
+    """Thread-safe: HTTP handlers post rounds, the engine thread schedules and resolves them."""
+
+    def __init__(self, timeout_s: float = 30.0, gather_ms: float = 0.0):
+        self.timeout_s = timeout_s
+        self.gather_s = gather_ms / 1e3
+        self.slots: dict[str, Slot] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.order_key: Callable[[Optional[float], float], float] = lambda rtt_ms, since: since
+
+    # --- HTTP side ----------------------------------------------------------------------------
+    def open(self, slot: Slot) -> None:
+        with self.lock:
+            self.slots[slot.req_id] = slot
+        self.wake.set()
+
+    def post(self, req_id: str, rnd: Round, rtt_ms: Optional[float]) -> None:
+        with self.lock:
+            slot = self.slots[req_id]
+            slot.round, slot.rtt_ms = rnd, rtt_ms
+            done = resolve(slot.tokens, rnd.start, rnd.draft, slot.finished)
+            if done is not None:
+                slot.round = None
+        if done is not None:
+            rnd.on_done(*done)
+        self.wake.set()
+
+    def close(self, req_id: str) -> Optional[Slot]:
+        with self.lock:
+            return self.slots.pop(req_id, None)
+
+    # --- scheduler side (engine thread) ---------------------------------------------------------
+    def spec_for(self, req_id: str, tokens: list[int]):
+        """None: not ours, schedule as vLLM would; PARK: skip this step; else the spec tokens."""
+        slot = self.slots.get(req_id)
+        if slot is None or slot.kind == "plain":
+            return None
+        if slot.kind == "oracle":
+            return slot.plan(len(tokens), tokens)
+        rnd = slot.round
+        spec = None if rnd is None else align(tokens, rnd.start, rnd.draft)
+        return PARK if spec is None else spec
+
+    def sort_key(self, req_id: str, arrival: float) -> float:
+        slot = self.slots.get(req_id)
+        if slot is None or slot.kind != "edge" or slot.round is None:
+            return self.order_key(None, arrival)
+        return self.order_key(slot.rtt_ms, slot.round.posted)
+
+    def ready(self, now: float) -> tuple[bool, float]:
+        """Whether the engine should step now and, if not, how long to wait at most. Edge rounds
+        are gathered for up to gather_ms so one step carries many sessions' drafts."""
+        with self.lock:
+            live = [s for s in self.slots.values() if not s.finished]
+            edge = [s for s in live if s.kind == "edge"]
+            others = len(live) - len(edge)
+            posted = [s.round.posted for s in edge if s.round is not None]
+        if others or (posted and (len(posted) == len(edge) or now - min(posted) >= self.gather_s)):
+            return True, 0.0
+        if posted:
+            return False, self.gather_s - (now - min(posted))
+        return False, 0.05
+
+    # --- output side (engine thread) --------------------------------------------------------------
+    def produced(self, req_id: str, new_tokens: list[int], finished: bool) -> None:
+        with self.lock:
+            slot = self.slots.get(req_id)
+            if slot is None:
+                return
+            slot.tokens.extend(new_tokens)
+            slot.finished = finished
+            rnd = slot.round
+            done = None if rnd is None else resolve(slot.tokens, rnd.start, rnd.draft, finished)
+            if done is not None:
+                slot.round = None
+                slot.parked_since = time.monotonic()
+            elif rnd is not None and finished:
+                slot.round = None
+        if done is not None:
+            rnd.on_done(*done)
+        elif rnd is not None and finished:
+            rnd.on_error("the session's engine request ended")
+
+    def expired(self, now: float) -> list[str]:
+        """Edge requests parked past the timeout (their edge went away): the caller aborts them."""
+        with self.lock:
+            gone = [s.req_id for s in self.slots.values()
+                    if s.kind == "edge" and s.round is None and now - s.parked_since > self.timeout_s]
+        return gone

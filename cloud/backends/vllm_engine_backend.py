@@ -1,0 +1,254 @@
+"""Target on vLLM (GPU), in-engine design: one long-lived vLLM request per edge session.
+
+Each edge session is one engine request whose steps consume the edge's drafts as spec tokens:
+the DraftBoard (draft_board.py, semantics there) holds each session's pending draft, the
+`EdgeDraftScheduler` (vllm_plugins.py, loaded through `scheduler_cls`) steps a session only when
+its draft is in and parks it (KV resident) while the draft is on the wire, and vLLM's own rejection
+sampler verifies. `speculative_config={"method": "custom_class"}` with the do-nothing
+`BoardProposer` switches on the spec-decode path. No vLLM file is patched.
+
+Process boundary: the engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on one
+engine thread that owns the LLMEngine; the aiohttp event loop posts drafts to the board (a lock
+and an event, no IPC) and gets each round's (accepted, next token) back through a future. With
+tensor parallelism the workers are other processes, but drafts never go there.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.draft_board import DraftBoard, Round, Slot
+from cloud.backends.vllm_args import engine_kwargs
+from common.config import VllmConfig
+from common.scheduling import priority
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    idle_steps: int = 0
+    step_s: float = 0.0
+    tokens: int = 0
+
+    def as_dict(self, scheduler) -> dict:
+        return {"steps": self.steps, "idle_steps": self.idle_steps, "step_s": round(self.step_s, 3),
+                "schedule_s": round(getattr(scheduler, "schedule_s", 0.0), 3), "tokens": self.tokens}
+
+
+def to_vllm_sampling(sampling, max_tokens: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    return SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                          seed=sampling.seed, max_tokens=max_tokens, detokenize=False,
+                          output_kind=RequestOutputKind.DELTA)
+
+
+class VllmEngineBackend(Backend):
+    name = "vllm"
+    verifies = True                # rounds are verified inside the engine (averify), not from logits
+
+    def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None):
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # flashinfer may be absent
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"          # engine core in this process
+        from vllm import LLMEngine
+        from cloud.backends import vllm_plugins
+        model_dir = cfg.model_dir or str(_dequantized(gguf, cache))
+        self.board = DraftBoard(cfg.draft_timeout_s, cfg.gather_ms)
+        vllm_plugins.BOARD = self.board
+        from vllm import EngineArgs
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, cfg, n_ctx, cfg.num_speculative_tokens)))
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        from transformers import AutoConfig
+        self.n_vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+        self.n_ctx = n_ctx
+        self.max_inflight = cfg.max_num_seqs
+        self.stats = EngineStats()
+        self.sessions: dict[str, str] = {}            # session id -> engine request id
+        self.streams: dict[str, Callable] = {}        # engine request id -> on_tokens(new, finished)
+        self._internal: dict[str, str] = {}           # our request id -> vLLM's internal id
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+    def set_order(self, key: Callable[[Optional[float], float], float]) -> None:
+        self.board.order_key = key
+
+    def logits(self, session_id, tokens, n_logits, reuse):
+        raise NotImplementedError("the in-engine vLLM backend verifies rounds itself: use averify")
+
+    # --- engine thread ------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], object]) -> "asyncio.Future":
+        """Run fn on the engine thread; the returned future carries its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def job():
+            try:
+                res = fn()
+                loop.call_soon_threadsafe(_settle, fut, res, None)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, fut, None, e)
+        self._inbox.put(job)
+        self.board.wake.set()
+        return fut
+
+    def _run(self) -> None:
+        while not self._stop:
+            while True:
+                try:
+                    self._inbox.get_nowait()()
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            for rid in self.board.expired(now):
+                self._abort(rid)
+            go, wait = self.board.ready(now)
+            if not go:
+                self.board.wake.wait(wait)
+                self.board.wake.clear()
+                continue
+            t0 = time.perf_counter()
+            outs = self.engine.step()
+            self.stats.step_s += time.perf_counter() - t0
+            self.stats.steps += 1
+            if getattr(self.scheduler, "last_scheduled_tokens", 1) == 0:
+                self.stats.idle_steps += 1
+                self.board.wake.wait(0.001)
+                self.board.wake.clear()
+            for out in outs:
+                rid = self._internal.get(out.request_id, out.request_id)
+                new = list(out.outputs[0].token_ids) if out.outputs else []
+                self.stats.tokens += len(new)
+                self.board.produced(rid, new, out.finished)
+                on_tokens = self.streams.get(rid)
+                if on_tokens is not None:
+                    on_tokens(new, out.finished)
+                if out.finished:
+                    self.streams.pop(rid, None)
+                    self._internal.pop(out.request_id, None)
+                    slot = self.board.slots.get(rid)
+                    if slot is not None and slot.kind != "edge":
+                        self.board.close(rid)
+
+    def _add(self, slot_kind: str, prompt: list[int], sampling, max_tokens: int, salt: str, prio: int,
+             rtt_ms=None, plan=None, on_tokens=None) -> str:
+        """Engine thread: add one request and its board slot."""
+        ext = uuid.uuid4().hex
+        rid = self.engine.add_request(ext, {"prompt_token_ids": list(prompt), "cache_salt": salt},
+                                      to_vllm_sampling(sampling, max_tokens), priority=prio)
+        self._internal[ext] = rid
+        if on_tokens is not None:
+            self.streams[rid] = on_tokens
+        self.board.open(Slot(rid, slot_kind, list(prompt), rtt_ms=rtt_ms, plan=plan))
+        return rid
+
+    def _abort(self, rid: str) -> None:
+        """Engine thread."""
+        self.board.close(rid)
+        self.streams.pop(rid, None)
+        try:
+            self.engine.abort_request([rid], internal=True)
+        except Exception:  # noqa: BLE001 - already finished
+            pass
+
+    # --- verifier entry points -------------------------------------------------------------------------
+    async def averify(self, session_id: str, context: list[int], draft: list[int], sampling, rtt_ms,
+                      reuse: bool) -> tuple[int, int, int]:
+        """One round: (accepted, next_token, tokens the engine already held)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        rnd = Round(len(context), list(draft), time.monotonic(),
+                    on_done=lambda a, t: loop.call_soon_threadsafe(_settle, fut, (a, t), None),
+                    on_error=lambda msg: loop.call_soon_threadsafe(_settle, fut, None, SessionEnded(msg)))
+        rid = self.sessions.get(session_id)
+        slot = self.board.slots.get(rid) if rid else None
+        with self.board.lock:
+            live = slot is not None and not slot.finished and reuse and slot.tokens == context
+        if live:
+            self.board.post(rid, rnd, rtt_ms)
+            held = len(context)
+        else:                                          # new session, re-sync, or reuse off: a fresh request
+            if rid is not None:
+                self.drop(session_id)
+            salt = session_id if reuse else uuid.uuid4().hex
+            max_tokens = max(1, self.n_ctx - len(context) - 1)
+
+            def start():
+                new = self._add("edge", context, sampling, max_tokens, salt, priority(rtt_ms), rtt_ms)
+                self.board.post(new, rnd, rtt_ms)
+                return new
+            self.sessions[session_id] = await self._call(start)
+            held = 0
+        accepted, nxt = await fut
+        return accepted, nxt, held
+
+    async def agenerate(self, session_id: str, prompt: list[int], max_tokens: int, sampling) -> AsyncIterator[int]:
+        """Target-only generation (plain request, never drafted): the lossless reference."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def on_tokens(new, finished):
+            loop.call_soon_threadsafe(q.put_nowait, (new, finished))
+        rid = await self._call(lambda: self._add("plain", prompt, sampling, max_tokens, f"gen:{session_id}", 0,
+                                                 on_tokens=on_tokens))
+        try:
+            while True:
+                new, finished = await q.get()
+                for t in new:
+                    yield t
+                if finished:
+                    return
+        finally:
+            self.board.close(rid)
+            self._inbox.put(lambda: self._abort(rid))
+
+    async def run_oracle(self, prompt: list[int], max_tokens: int, sampling, plan) -> list[int]:
+        """Benchmark helper: a session whose drafts come from plan(n, tokens) at schedule time."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        out: list[int] = []
+
+        def on_tokens(new, finished):
+            out.extend(new)
+            if finished:
+                loop.call_soon_threadsafe(_settle, done, out, None)
+        await self._call(lambda: self._add("oracle", prompt, sampling, max_tokens, uuid.uuid4().hex, 0,
+                                           plan=plan, on_tokens=on_tokens))
+        return await done
+
+    def drop(self, session_id: str) -> None:
+        rid = self.sessions.pop(session_id, None)
+        if rid is not None:
+            self._inbox.put(lambda: self._abort(rid))
+            self.board.wake.set()
+
+    def engine_stats(self) -> dict:
+        return self.stats.as_dict(self.scheduler)
+
+    def close(self) -> None:
+        self._stop = True
+        self.board.wake.set()
+        self._thread.join(timeout=10)
+
+
+def _settle(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _dequantized(gguf: Path, cache: str | None) -> Path:
+    from cloud.backends.torch_backend import dequantized_dir
+    return dequantized_dir(gguf, "bfloat16", cache)

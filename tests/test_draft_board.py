@@ -1,0 +1,83 @@
+"""The in-engine design's draft alignment and round resolution (pure Python, no vLLM)."""
+import time
+
+from cloud.backends.draft_board import PARK, DraftBoard, Round, Slot, align, resolve
+
+
+def test_align_by_content():
+    prompt = [1, 2, 3]
+    # round 0: prefill sampled 7 itself; the draft for position 3 starts with 7 -> verify the rest
+    assert align(prompt + [7], 3, [7, 8, 9]) == [8, 9]
+    assert align(prompt + [7, 8, 9], 3, [7, 8, 9]) == []          # only the bonus is left to sample
+    assert align(prompt + [6], 3, [7, 8, 9]) is None               # decided: a correction
+    assert align(prompt + [7, 8, 9, 10], 3, [7, 8, 9]) is None     # decided: the bonus came
+    assert align(prompt, 3, [7, 8]) == [7, 8]                      # steady state: nothing produced yet
+    assert align(prompt, 4, [7]) is None                           # a draft for a position we do not hold
+
+
+def test_resolve():
+    t = [1, 2, 3]
+    assert resolve(t, 3, [7, 8], False) is None
+    assert resolve(t + [7], 3, [7, 8], False) is None              # still going
+    assert resolve(t + [7, 5], 3, [7, 8], False) == (1, 5)         # correction after 1 accepted
+    assert resolve(t + [7, 8, 4], 3, [7, 8], False) == (2, 4)      # all accepted + bonus
+    assert resolve(t + [6], 3, [7, 8], False) == (0, 6)
+    assert resolve(t + [7], 3, [7, 8], True) == (0, 7)             # finished (EOS) on an accepted token
+
+
+def _slot_with_round(board, tokens, start, draft):
+    got = []
+    board.open(Slot("r", "edge", list(tokens)))
+    board.post("r", Round(start, draft, time.monotonic(), on_done=lambda a, t: got.append((a, t)),
+                          on_error=got.append), rtt_ms=10.0)
+    return got
+
+
+def test_board_round_trip():
+    board = DraftBoard(timeout_s=0.0)
+    got = _slot_with_round(board, [1, 2, 3], 3, [7, 8, 9])
+    assert board.spec_for("r", [1, 2, 3]) == [7, 8, 9]
+    assert board.spec_for("other", [1]) is None                    # not ours: vLLM decides
+    board.produced("r", [7, 8, 5], finished=False)                 # engine step: 2 accepted + correction
+    assert got == [(2, 5)]
+    assert board.spec_for("r", [1, 2, 3, 7, 8, 5]) is PARK          # next draft still on the wire
+    assert board.expired(time.monotonic() + 1) == ["r"]            # its edge went away
+
+
+def test_board_post_after_tokens_resolves_at_once():
+    board = DraftBoard()
+    board.open(Slot("r", "edge", [1, 2, 3, 6]))                     # prefill already sampled 6
+    got = []
+    board.post("r", Round(3, [7, 8], time.monotonic(), lambda a, t: got.append((a, t)), got.append), None)
+    assert got == [(0, 6)]
+
+
+def test_board_finished_mid_round_reports_error():
+    board = DraftBoard()
+    got = _slot_with_round(board, [1, 2, 3], 3, [7, 8])
+    board.produced("r", [], finished=True)
+    assert got and isinstance(got[0], str)
+
+
+def test_ready_gathers_until_all_or_timeout():
+    board = DraftBoard(gather_ms=50.0)
+    board.open(Slot("a", "edge", [1]))
+    board.open(Slot("b", "edge", [1]))
+    now = time.monotonic()
+    board.post("a", Round(1, [2], now, lambda a, t: None, lambda m: None), None)
+    go, wait = board.ready(now)
+    assert not go and 0 < wait <= 0.05                           # b's draft may come: wait a little
+    assert board.ready(now + 0.06)[0]                            # gathered long enough
+    board.post("b", Round(1, [2], now, lambda a, t: None, lambda m: None), None)
+    assert board.ready(now)[0]                                   # everyone is in
+
+
+def test_sort_key_uses_health_order():
+    board = DraftBoard()
+    board.order_key = lambda rtt, since: (rtt or 0) + since
+    board.open(Slot("far", "edge", [1]))
+    board.open(Slot("near", "edge", [1]))
+    t = time.monotonic()
+    board.post("far", Round(1, [2], t, lambda a, b: None, lambda m: None), 400.0)
+    board.post("near", Round(1, [2], t, lambda a, b: None, lambda m: None), 5.0)
+    assert board.sort_key("near", 0) < board.sort_key("far", 0)
