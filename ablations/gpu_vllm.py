@@ -87,7 +87,8 @@ def real_dir(args, which: str) -> str:
 def vcfg(args, **over):
     from common.config import VllmConfig
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
-                      num_speculative_tokens=K, **over)
+                      num_speculative_tokens=K, gather_ms=args.gather_ms,
+                      tensor_parallel_size=args.tp, **over)
 
 
 def prompts(n=None) -> list[dict]:
@@ -551,7 +552,8 @@ def run_job(args) -> int:
     stage_cache(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "")
+    name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "") + (
+        f"_gather{args.gather_ms:g}" if args.gather_ms != 1.0 else "") + (f"_tp{args.tp}" if args.tp > 1 else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -587,6 +589,8 @@ def main(argv=None) -> int:
     ap.add_argument("--edge-threads", type=int, default=2)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--batch-invariant", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--gather-ms", type=float, default=1.0, help="in-engine: wait this long to batch drafts")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.command == "prepare":

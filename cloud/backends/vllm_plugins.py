@@ -59,11 +59,6 @@ class EdgeDraftScheduler(Scheduler):
         self.schedule_s += time.perf_counter() - t0
         return out
 
-    @property
-    def num_spec_tokens(self) -> int:
-        cfg = self.vllm_config.speculative_config
-        return cfg.num_speculative_tokens if cfg is not None else 0
-
 
 class BoardProposer:
     """vLLM's custom_class proposer interface: built with the VllmConfig, propose() every step."""
