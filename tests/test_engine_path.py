@@ -1,0 +1,109 @@
+"""The verifier's engine-side path (the in-engine vLLM design) over real HTTP, with the real DraftBoard
+and a fake engine whose target predicts last+1 (protocol test; the GPU run uses vLLM itself)."""
+import asyncio
+
+import aiohttp
+
+from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.draft_board import PARK, DraftBoard, Round, Slot
+from cloud.server import start_cloud
+from cloud.verifier import Verifier
+from common.config import load_config
+
+
+class FakeEngineBackend(Backend):
+    """Steps every unparked session once per tick, as vLLM's scheduler + rejection sampler would."""
+    name, n_vocab, n_ctx, verifies = "fake-engine", 1000, 512, True
+
+    def __init__(self, abort_at: int = -1):
+        self.board = DraftBoard(timeout_s=60)
+        self.sessions, self.steps, self.abort_at = {}, 0, abort_at
+
+    def set_order(self, key):
+        self.board.order_key = key
+
+    def logits(self, *a):
+        raise NotImplementedError
+
+    def step(self):
+        for rid, slot in list(self.board.slots.items()):
+            spec = self.board.spec_for(rid, slot.tokens)
+            if spec is PARK or slot.finished:
+                continue
+            if self.steps == self.abort_at:      # the engine drops the request mid-round (e.g. preempted + aborted)
+                self.steps += 1
+                self.board.produced(rid, [], finished=True)
+                continue
+            out, last = [], slot.tokens[-1]
+            for t in spec:                       # greedy: accept while the draft is the target's argmax
+                if t != last + 1:
+                    break
+                out.append(t)
+                last = t
+            out.append(last + 1)                 # correction or bonus
+            self.steps += 1
+            self.board.produced(rid, out, finished=False)
+
+    async def averify(self, sid, context, draft, sampling, rtt_ms, reuse):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        rid = self.sessions.get(sid)
+        slot = self.board.slots.get(rid)
+        if slot is None or slot.finished or slot.tokens != context:
+            rid = self.sessions[sid] = f"req-{sid}-{len(context)}"
+            self.board.open(Slot(rid, "edge", list(context)))
+        self.board.post(rid, Round(len(context), list(draft), loop.time(), lambda a, t: fut.set_result((a, t)),
+                                   lambda m: fut.set_exception(SessionEnded(m))), rtt_ms)
+        while not fut.done():
+            self.step()
+            await asyncio.sleep(0)
+        a, t = await fut
+        return a, t, 0
+
+
+def run(backend, body):
+    cfg = load_config()
+
+    async def main():
+        verifier = Verifier(backend, cfg.cloud, cfg.switches)
+        runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as http:
+                return await body(http, url)
+        finally:
+            await runner.cleanup()
+    return asyncio.run(main())
+
+
+async def verify(http, url, **kw):
+    async with http.post(url + "/v1/verify", json={"session_id": "s", "draft": [1]} | kw) as r:
+        return r.status, await r.json()
+
+
+def test_rounds_through_the_engine_path():
+    backend = FakeEngineBackend()
+
+    async def body(http, url):
+        st, r = await verify(http, url, seq=0, base_len=0, append=[1, 2, 3], draft=[4, 5, 9])
+        assert st == 200 and (r["accepted"], r["next_token"], r["committed_len"]) == (2, 6, 6)
+        st, r = await verify(http, url, seq=1, base_len=6, append=[], draft=[7, 8])
+        assert (r["accepted"], r["next_token"], r["committed_len"]) == (2, 9, 9)
+        st, r = await verify(http, url, seq=1, base_len=6, append=[], draft=[7, 8])   # a retry: replayed
+        assert (r["accepted"], r["next_token"]) == (2, 9)
+        st, r = await verify(http, url, seq=2, base_len=9, append=[], draft=[3])
+        assert (r["accepted"], r["next_token"]) == (0, 10)
+    run(backend, body)
+    assert backend.steps == 3            # one engine step per computed round: the retry computed nothing
+
+
+def test_engine_request_ending_mid_round_is_a_409_then_resync_works():
+    backend = FakeEngineBackend(abort_at=1)
+
+    async def body(http, url):
+        st, r = await verify(http, url, seq=0, base_len=0, append=[1, 2, 3], draft=[4])
+        assert st == 200 and (r["accepted"], r["next_token"]) == (1, 5)
+        st, r = await verify(http, url, seq=1, base_len=5, append=[], draft=[6])
+        assert st == 409 and "base_len" in r["error"]                     # the edge re-syncs from here
+        st, r = await verify(http, url, seq=2, base_len=0, append=[1, 2, 3, 4, 5], draft=[6, 7])
+        assert st == 200 and (r["accepted"], r["next_token"], r["committed_len"]) == (2, 8, 8)
+    run(backend, body)
