@@ -139,8 +139,8 @@ in-engine design works end to end with real edges, and with TP=2. Missed: the ot
   64-session replay, 1.5B) shows most of the time under `torch.nn.Module._call_impl`, with one FA3
   call per layer per step: the model runs eagerly. FULL_DECODE_ONLY captures only uniform decode
   batches (every request 1 + k tokens). Edge drafts are gated, so their lengths vary (1 to 4) and no
-  batch is uniform. The result is ~20–25 ms per step on the 1.5B at 64 sessions against ~5 ms for a
-  plain decode step. Our scheduler's own work (draft alignment, parking, ordering) is 0.3–1.1 ms per
+  batch is uniform. The result is ~20–25 ms per step on the 1.5B at 64 sessions against ~4.4 ms for a
+  plain decode step (0.56 s for 128 steps of 64 sessions). Our scheduler's own work (draft alignment, parking, ordering) is 0.3–1.1 ms per
   step (`schedule_ms_per_step`), and parked requests leave and re-enter vLLM's persistent input batch
   (`gpu_input_batch.add_request` in the profile).
 * **What is ours to cut next**: (1) pad every draft to k slots so that all decode steps are uniform and

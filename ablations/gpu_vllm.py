@@ -273,11 +273,16 @@ def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0) -> tuple[l
     return res, wall
 
 
+def oracle_summary(outs: list[list[int]], wall: float) -> dict:
+    toks = sum(map(len, outs))
+    return {"sessions": len(outs), "tokens": toks, "wall_s": round(wall, 2), "tokens_per_s": round(toks / wall, 1)}
+
+
 def summary(res: list[dict], wall: float) -> dict:
-    toks = sum(len(r["out"]) for r in res)
     rounds = sum(r["rounds"] for r in res)
-    return {"sessions": len(res), "tokens": toks, "wall_s": round(wall, 2), "tokens_per_s": round(toks / wall, 1),
-            "rounds": rounds, "tau": round(toks / max(rounds, 1), 3), "errors": sum(bool(r["error"]) for r in res)}
+    base = oracle_summary([r["out"] for r in res], wall)
+    return base | {"rounds": rounds, "tau": round(base["tokens"] / max(rounds, 1), 3),
+                   "errors": sum(bool(r["error"]) for r in res)}
 
 
 async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]], float]:
@@ -317,19 +322,6 @@ def every4_plan(vocab: int):
 def oracle_draft(ref: list[int], pos: int, k: int, vocab: int) -> list[int]:
     """The target's own next k tokens, every 4th (by position) replaced: tau = 4 when exact."""
     return [ref[j] if (j + 1) % 4 else (ref[j] + 1) % vocab for j in range(pos, min(pos + k, len(ref)))]
-
-
-def engine_profile(backend) -> dict:
-    st = backend.engine_stats()
-    st["ms_per_step"] = round(1e3 * st["step_s"] / max(st["steps"], 1), 3)
-    st["schedule_ms_per_step"] = round(1e3 * st["schedule_s"] / max(st["steps"], 1), 3)
-    return st
-
-
-def reset_stats(backend) -> None:
-    from cloud.backends.vllm_engine_backend import EngineStats
-    backend.stats = EngineStats()
-    backend.scheduler.schedule_s = 0.0
 
 
 async def job_edges(args, work: Path) -> dict:
@@ -375,19 +367,18 @@ async def job_edges(args, work: Path) -> dict:
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        reset_stats(backend)
+        backend.take_engine_stats()      # start counting the next run
         out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"replay_{s}"] = summary(out, wall) | {"engine": engine_profile(backend)}
-        reset_stats(backend)
+        res[f"replay_{s}"] = summary(out, wall) | {"engine": backend.take_engine_stats()}
+        backend.take_engine_stats()      # start counting the next run
         outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: trace_plan(x, backend.n_vocab))
-        res[f"oracle_{s}"] = {"sessions": s, "tokens": sum(map(len, outs)), "wall_s": round(wall, 2),
-                              "tokens_per_s": round(sum(map(len, outs)) / wall, 1), "engine": engine_profile(backend)}
+        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": backend.take_engine_stats()}
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    reset_stats(backend)
+    backend.take_engine_stats()      # start counting the next run
     out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens, 4, True, args.rtt_ms)
-    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": engine_profile(backend)}
+    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": backend.take_engine_stats()}
     # 4. profile the engine thread's steps during a replay at 64 sessions
     res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work)
     res["cloud_stats"] = verifier.stats.snapshot()
@@ -411,13 +402,13 @@ async def profiled(backend, url, sessions, n_new, work: Path) -> dict:
             prof.disable()
     backend.engine.step = wrapped
     ss = [dict(sessions[i % len(sessions)], sid=f"p64-{i}") for i in range(64)]
-    reset_stats(backend)
+    backend.take_engine_stats()      # start counting the next run
     out, wall = await asyncio.to_thread(run_light, url, ss, n_new)
     backend.engine.step = step
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
     (work / "profile_64.txt").write_text(buf.getvalue())
-    return summary(out, wall) | {"engine": engine_profile(backend), "top": buf.getvalue().splitlines()[:60]}
+    return summary(out, wall) | {"engine": backend.take_engine_stats(), "top": buf.getvalue().splitlines()[:60]}
 
 
 def job_smoke(args, work: Path) -> dict:
@@ -438,7 +429,7 @@ async def _smoke(args, work: Path) -> dict:
     orc, _ = await oracle_run(backend, sessions, 32, every4_plan(backend.n_vocab))
     res = {"engine_up_s": up, "plain": plain, "http_identical": sum(o["out"] == r for o, r in zip(out, plain)),
            "oracle_identical": sum(o == r for o, r in zip(orc, plain)), "http": summary(out, wall),
-           "errors": [o["error"] for o in out if o["error"]], "engine": engine_profile(backend)}
+           "errors": [o["error"] for o in out if o["error"]], "engine": backend.take_engine_stats()}
     log(f"smoke: {json.dumps({k: v for k, v in res.items() if k != 'plain'})}")
     await runner.cleanup()
     backend.close()
@@ -472,13 +463,12 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        reset_stats(backend)
+        backend.take_engine_stats()      # start counting the next run
         out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"ours_{s}"] = summary(out, wall) | {"engine": engine_profile(backend)}
-        reset_stats(backend)
+        res[f"ours_{s}"] = summary(out, wall) | {"engine": backend.take_engine_stats()}
+        backend.take_engine_stats()      # start counting the next run
         outs, wall = await oracle_run(backend, ss, args.max_tokens, every4_plan(backend.n_vocab))
-        res[f"oracle_{s}"] = {"sessions": s, "tokens": sum(map(len, outs)), "wall_s": round(wall, 2),
-                              "tokens_per_s": round(sum(map(len, outs)) / wall, 1), "engine": engine_profile(backend)}
+        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": backend.take_engine_stats()}
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await runner.cleanup()
     backend.close()

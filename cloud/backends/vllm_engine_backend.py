@@ -37,10 +37,13 @@ class EngineStats:
     idle_steps: int = 0
     step_s: float = 0.0
     tokens: int = 0
+    schedule_s_at_start: float = 0.0    # the scheduler's running total when these counters began
 
-    def as_dict(self, scheduler) -> dict:
+    def as_dict(self, schedule_s_total: float) -> dict:
+        n, sched = max(self.steps, 1), schedule_s_total - self.schedule_s_at_start
         return {"steps": self.steps, "idle_steps": self.idle_steps, "step_s": round(self.step_s, 3),
-                "schedule_s": round(getattr(scheduler, "schedule_s", 0.0), 3), "tokens": self.tokens}
+                "schedule_s": round(sched, 3), "tokens": self.tokens,
+                "ms_per_step": round(1e3 * self.step_s / n, 3), "schedule_ms_per_step": round(1e3 * sched / n, 3)}
 
 
 def to_vllm_sampling(sampling, max_tokens: int):
@@ -120,7 +123,7 @@ class VllmEngineBackend(Backend):
             outs = self.engine.step()
             self.stats.step_s += time.perf_counter() - t0
             self.stats.steps += 1
-            if getattr(self.scheduler, "last_scheduled_tokens", 1) == 0:
+            if self.scheduler.last_scheduled_tokens == 0:
                 self.stats.idle_steps += 1
                 self.board.wake.wait(0.001)
                 self.board.wake.clear()
@@ -231,8 +234,12 @@ class VllmEngineBackend(Backend):
             self._inbox.put(lambda: self._abort(rid))
             self.board.wake.set()
 
-    def engine_stats(self) -> dict:
-        return self.stats.as_dict(self.scheduler)
+    def take_engine_stats(self) -> dict:
+        """Engine-step counters since the last call; starts new ones."""
+        total = self.scheduler.schedule_s
+        st = self.stats.as_dict(total)
+        self.stats = EngineStats(schedule_s_at_start=total)
+        return st
 
     def close(self) -> None:
         self._stop = True
