@@ -87,7 +87,7 @@ def real_dir(args, which: str) -> str:
 def vcfg(args, **over):
     from common.config import VllmConfig
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
-                      num_speculative_tokens=K, gather_ms=args.gather_ms,
+                      num_speculative_tokens=K, gather_ms=args.gather_ms, pad_drafts=not args.no_pad,
                       tensor_parallel_size=args.tp, **over)
 
 
@@ -543,7 +543,8 @@ def run_job(args) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "") + (
-        f"_gather{args.gather_ms:g}" if args.gather_ms != 1.0 else "") + (f"_tp{args.tp}" if args.tp > 1 else "")
+        f"_gather{args.gather_ms:g}" if args.gather_ms != 1.0 else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
+        "_nopad" if args.no_pad else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -556,6 +557,7 @@ def run_job(args) -> int:
     res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     res["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
     res["execution"] = args.execution
+    res["pad_drafts"] = not args.no_pad
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
@@ -580,6 +582,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--batch-invariant", action="store_true")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--no-pad", action="store_true", help="in-engine: do not pad drafts to k slots")
     ap.add_argument("--gather-ms", type=float, default=1.0, help="in-engine: wait this long to batch drafts")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)

@@ -86,6 +86,7 @@ class VllmConfig(_Section):
     num_speculative_tokens: int = Field(4, ge=1, le=64)   # in_engine: draft slots per step (>= edge max_k)
     draft_timeout_s: float = Field(30.0, gt=0)            # in_engine: a session parked longer is aborted
     gather_ms: float = Field(1.0, ge=0.0)                 # in_engine: wait this long to batch drafts into a step
+    pad_drafts: bool = True                  # in_engine: fill every draft to k slots: uniform steps replay a CUDA graph
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)

@@ -36,12 +36,26 @@ def _slot_with_round(board, tokens, start, draft):
 def test_board_round_trip():
     board = DraftBoard(timeout_s=0.0)
     got = _slot_with_round(board, [1, 2, 3], 3, [7, 8, 9])
-    assert board.spec_for("r", [1, 2, 3]) == [7, 8, 9]
-    assert board.spec_for("other", [1]) is None                    # not ours: vLLM decides
+    assert board.spec_for("r", [1, 2, 3], 4) == [7, 8, 9]
+    assert board.spec_for("other", [1], 4) is None                    # not ours: vLLM decides
     board.produced("r", [7, 8, 5], finished=False)                 # engine step: 2 accepted + correction
     assert got == [(2, 5)]
-    assert board.spec_for("r", [1, 2, 3, 7, 8, 5]) is PARK          # next draft still on the wire
+    assert board.spec_for("r", [1, 2, 3, 7, 8, 5], 4) is PARK          # next draft still on the wire
     assert board.expired(time.monotonic() + 1) == ["r"]            # its edge went away
+
+
+def test_padding_fills_k_slots_and_accepted_pads_align_the_next_round():
+    board = DraftBoard(pad=True)
+    got = _slot_with_round(board, [1, 2, 3], 3, [7])
+    assert board.spec_for("r", [1, 2, 3], 4) == [7, 7, 7, 7]          # one draft token + 3 pads: uniform step
+    assert board.spec_for("r", [1, 2, 3], 2) == [7, 7]                  # never more than k
+    board.produced("r", [7, 7, 7, 5], finished=False)                  # the target took 2 pads too, then 5
+    assert got == [(1, 7)]                                             # the round: draft accepted + next token
+    # the request already holds [7, 5] past the round's result; the next draft aligns by content
+    board.post("r", Round(5, [7, 5, 9], time.monotonic(), lambda a, t: got.append((a, t)), got.append), None)
+    assert board.spec_for("r", [1, 2, 3, 7, 7, 7, 5], 4) == [9, 9, 9, 9]
+    board.post("r", Round(5, [8], time.monotonic(), lambda a, t: got.append((a, t)), got.append), None)
+    assert got[-1] == (0, 7)                                           # disagrees with a held token: decided at once
 
 
 def test_board_post_after_tokens_resolves_at_once():

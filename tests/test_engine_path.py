@@ -16,7 +16,7 @@ class FakeEngineBackend(Backend):
     name, n_vocab, n_ctx, verifies = "fake-engine", 1000, 512, True
 
     def __init__(self, abort_at: int = -1):
-        self.board = DraftBoard(timeout_s=60)
+        self.board = DraftBoard(timeout_s=60, pad=True)
         self.sessions, self.steps, self.abort_at = {}, 0, abort_at
 
     def set_order(self, key):
@@ -27,7 +27,7 @@ class FakeEngineBackend(Backend):
 
     def step(self):
         for rid, slot in list(self.board.slots.items()):
-            spec = self.board.spec_for(rid, slot.tokens)
+            spec = self.board.spec_for(rid, slot.tokens, 4)
             if spec is PARK or slot.finished:
                 continue
             if self.steps == self.abort_at:      # the engine drops the request mid-round (e.g. preempted + aborted)

@@ -16,6 +16,12 @@ sampled token T[n-1] is not yet computed (a request in decode):
 * No draft posted for the current position: the request is *parked* (not scheduled; its KV blocks
   stay resident) until one arrives or `timeout_s` passes, after which the backend aborts it and the
   edge's next round gets a 409 and re-syncs.
+* Padding (`pad`): every spec is filled to k slots with repeats of its last token, so every decode
+  step has the same shape (1 + k tokens per request) and vLLM replays one CUDA graph for it instead
+  of running the model eagerly. A pad is one more point-mass proposal: accepted only where it is the
+  target's own token (greedy) or with exactly the target's probability (sampling), so the output is
+  unchanged. Pads accepted beyond the draft leave the request holding tokens past the round's
+  result; the next round's draft is aligned against them by content, as in round 0.
 * Oracle sessions (benchmarks) get their draft from a plan function at schedule time instead of
   over the wire; plain sessions (target-only reference) are never touched.
 
@@ -82,8 +88,9 @@ def resolve(tokens: list[int], start: int, draft: list[int], finished: bool) -> 
 class DraftBoard:
     """Thread-safe: HTTP handlers post rounds, the engine thread schedules and resolves them."""
 
-    def __init__(self, timeout_s: float = 30.0, gather_ms: float = 0.0):
+    def __init__(self, timeout_s: float = 30.0, gather_ms: float = 0.0, pad: bool = False):
         self.timeout_s = timeout_s
+        self.pad = pad
         self.gather_s = gather_ms / 1e3
         self.slots: dict[str, Slot] = {}
         self.lock = threading.Lock()
@@ -112,16 +119,23 @@ class DraftBoard:
             return self.slots.pop(req_id, None)
 
     # --- scheduler side (engine thread) ---------------------------------------------------------
-    def spec_for(self, req_id: str, tokens: list[int]):
-        """None: not ours, schedule as vLLM would; PARK: skip this step; else the spec tokens."""
+    def spec_for(self, req_id: str, tokens: list[int], k: int):
+        """None: not ours, schedule as vLLM would; PARK: skip this step; else at most k spec tokens
+        (exactly k when padding)."""
         slot = self.slots.get(req_id)
         if slot is None or slot.kind == "plain":
             return None
         if slot.kind == "oracle":
-            return slot.plan(len(tokens), tokens)
-        rnd = slot.round
-        spec = None if rnd is None else align(tokens, rnd.start, rnd.draft)
-        return PARK if spec is None else spec
+            spec = slot.plan(len(tokens), tokens)
+        else:
+            rnd = slot.round
+            spec = None if rnd is None else align(tokens, rnd.start, rnd.draft)
+            if spec is None:
+                return PARK
+        spec = spec[:k]
+        if self.pad and len(spec) < k:
+            spec = spec + [(spec or tokens)[-1]] * (k - len(spec))
+        return spec
 
     def sort_key(self, req_id: str, arrival: float) -> float:
         slot = self.slots.get(req_id)

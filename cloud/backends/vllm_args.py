@@ -17,6 +17,9 @@ def engine_kwargs(model_dir: str, cfg: VllmConfig, n_ctx: int, spec_tokens: int 
         kw["enforce_eager"] = True
     elif cfg.execution == "graphs":            # CUDA graphs for decode steps without torch.compile
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+        if spec_tokens:                         # capture uniform spec steps (1 + k per request) of every session
+            kw["compilation_config"]["max_cudagraph_capture_size"] = cfg.max_num_seqs * (1 + spec_tokens)
+            kw["max_num_batched_tokens"] = max(2048, cfg.max_num_seqs * (1 + spec_tokens))
     if spec_tokens:
         kw["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
                                     "num_speculative_tokens": spec_tokens}

@@ -64,7 +64,7 @@ class VllmEngineBackend(Backend):
         from vllm import LLMEngine
         from cloud.backends import vllm_plugins
         model_dir = cfg.model_dir or str(_dequantized(gguf, cache))
-        self.board = DraftBoard(cfg.draft_timeout_s, cfg.gather_ms)
+        self.board = DraftBoard(cfg.draft_timeout_s, cfg.gather_ms, cfg.pad_drafts)
         vllm_plugins.BOARD = self.board
         from vllm import EngineArgs
         self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, cfg, n_ctx, cfg.num_speculative_tokens)))

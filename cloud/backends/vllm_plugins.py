@@ -42,12 +42,12 @@ class EdgeDraftScheduler(Scheduler):
                 if req.num_tokens - req.num_computed_tokens != 1:      # prefill (or chunk): vLLM's call
                     keep.append(req)
                     continue
-                spec = self.board.spec_for(req.request_id, req.all_token_ids)
+                spec = self.board.spec_for(req.request_id, req.all_token_ids, self.num_spec_tokens)
                 if spec is PARK:
                     parked.append(req)
                     continue
                 if spec is not None:
-                    req.spec_token_ids = list(spec[:self.num_spec_tokens])
+                    req.spec_token_ids = spec
                 keep.append(req)
             keep.sort(key=lambda r: self.board.sort_key(r.request_id, r.arrival_time))
             self.running = keep
