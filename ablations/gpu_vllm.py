@@ -87,8 +87,10 @@ def real_dir(args, which: str) -> str:
 def vcfg(args, **over):
     from common.config import VllmConfig
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
-                      num_speculative_tokens=K, gather_ms=args.gather_ms, pad_drafts=not args.no_pad,
-                      tensor_parallel_size=args.tp, **over)
+                      num_speculative_tokens=K, pad_drafts=not args.no_pad, tensor_parallel_size=args.tp,
+                      engine_process=not args.in_process,
+                      **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms))
+                         if v is not None}, **over)
 
 
 def prompts(n=None) -> list[dict]:
@@ -168,17 +170,18 @@ def job_plain(args, work: Path) -> dict:
 # ---- the in-engine design behind our cloud ---------------------------------------------------------
 async def start_tandem_cloud(model_dir, args, **vover):
     from cloud.backends.vllm_engine_backend import VllmEngineBackend
+    from cloud.backends.vllm_engine_process import VllmEngineProcess
     from cloud.server import start_cloud
     from cloud.verifier import Verifier
     from common.config import load_config
     t0 = time.time()
     vc = vcfg(args, model_dir=model_dir, **vover)
-    backend = VllmEngineBackend(None, vc, 4096)
+    backend = (VllmEngineProcess if vc.engine_process else VllmEngineBackend)(None, vc, 4096)
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
                                  "cloud.max_draft": 16})
     verifier = Verifier(backend, cfg.cloud, cfg.switches)
     runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-    log(f"in-engine cloud up in {time.time() - t0:.1f} s at {url}")
+    log(f"in-engine cloud up in {time.time() - t0:.1f} s at {url} (engine in a child process: {vc.engine_process})")
     return backend, verifier, runner, url, round(time.time() - t0, 1)
 
 
@@ -293,30 +296,32 @@ async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]]
     return [cut(o, n_new) for o in outs], time.perf_counter() - t0
 
 
-def trace_plan(s: dict, vocab: int):
+class TracePlan:
     """Oracle drafts with the real edges' per-round shape: at output position j the recorded round
-    drafted L tokens and had a accepted: propose fallback[j:j+a] + one wrong token (length L)."""
-    n0, ref, acc = len(s["prompt"]), s["fallback"], {int(k): v for k, v in s["accepted"].items()}
+    drafted L tokens and had a accepted: propose fallback[j:j+a] + one wrong token (length L).
+    A class, not a closure: it is pickled to the engine process."""
 
-    def plan(n, tokens):
-        j = n - n0
-        L, a = acc.get(j, (K, K - 1))
-        d = ref[j:j + min(a, L)]
-        if len(d) < L and j + len(d) < len(ref):
-            d = d + [(ref[j + len(d)] + 1) % vocab]
+    def __init__(self, s: dict, vocab: int):
+        self.n0, self.ref, self.vocab = len(s["prompt"]), s["fallback"], vocab
+        self.acc = {int(k): v for k, v in s["accepted"].items()}
+
+    def __call__(self, n, tokens):
+        j = n - self.n0
+        L, a = self.acc.get(j, (K, K - 1))
+        d = self.ref[j:j + min(a, L)]
+        if len(d) < L and j + len(d) < len(self.ref):
+            d = d + [(self.ref[j + len(d)] + 1) % self.vocab]
         return d
-    return plan
 
 
-def every4_plan(vocab: int):
-    """Per session: oracle drafts from its own reference output, every 4th token wrong."""
-    def make(s):
-        n0, ref = len(s["prompt"]), s["fallback"]
+class Every4Plan:
+    """Oracle drafts from the session's own reference output, every 4th token wrong."""
 
-        def plan(n, tokens):
-            return oracle_draft(ref, n - n0, K, vocab)
-        return plan
-    return make
+    def __init__(self, s: dict, vocab: int):
+        self.n0, self.ref, self.vocab = len(s["prompt"]), s["fallback"], vocab
+
+    def __call__(self, n, tokens):
+        return oracle_draft(self.ref, n - self.n0, K, self.vocab)
 
 
 def oracle_draft(ref: list[int], pos: int, k: int, vocab: int) -> list[int]:
@@ -367,18 +372,18 @@ async def job_edges(args, work: Path) -> dict:
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        backend.take_engine_stats()      # start counting the next run
+        await backend.engine_stats()     # start counting the next run
         out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"replay_{s}"] = summary(out, wall) | {"engine": backend.take_engine_stats()}
-        backend.take_engine_stats()      # start counting the next run
-        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: trace_plan(x, backend.n_vocab))
-        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": backend.take_engine_stats()}
+        res[f"replay_{s}"] = summary(out, wall) | {"engine": await backend.engine_stats()}
+        await backend.engine_stats()     # start counting the next run
+        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: TracePlan(x, backend.n_vocab))
+        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    backend.take_engine_stats()      # start counting the next run
+    await backend.engine_stats()     # start counting the next run
     out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens, 4, True, args.rtt_ms)
-    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": backend.take_engine_stats()}
+    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": await backend.engine_stats()}
     # 4. profile the engine thread's steps during a replay at 64 sessions
     res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work)
     res["cloud_stats"] = verifier.stats.snapshot()
@@ -388,27 +393,14 @@ async def job_edges(args, work: Path) -> dict:
 
 
 async def profiled(backend, url, sessions, n_new, work: Path) -> dict:
-    import cProfile
-    import io
-    import pstats
-    prof = cProfile.Profile()
-    step = backend.engine.step
-
-    def wrapped():
-        prof.enable()
-        try:
-            return step()
-        finally:
-            prof.disable()
-    backend.engine.step = wrapped
+    """cProfile of the engine thread's steps during a 64-session replay."""
     ss = [dict(sessions[i % len(sessions)], sid=f"p64-{i}") for i in range(64)]
-    backend.take_engine_stats()      # start counting the next run
+    await backend.engine_stats()     # start counting the next run
+    await backend.profile(True)
     out, wall = await asyncio.to_thread(run_light, url, ss, n_new)
-    backend.engine.step = step
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-    (work / "profile_64.txt").write_text(buf.getvalue())
-    return summary(out, wall) | {"engine": backend.take_engine_stats(), "top": buf.getvalue().splitlines()[:60]}
+    table = await backend.profile(False)
+    (work / "profile_64.txt").write_text(table)
+    return summary(out, wall) | {"engine": await backend.engine_stats(), "top": table.splitlines()[:60]}
 
 
 def job_smoke(args, work: Path) -> dict:
@@ -426,10 +418,10 @@ async def _smoke(args, work: Path) -> dict:
         plain.append(cut([t async for t in backend.agenerate("g", p["ids"], 32, SamplingParams())], 32))
     sessions = [{"prompt": p["ids"], "trace": {}, "fallback": r, "sid": f"s{i}"} for i, (p, r) in enumerate(zip(rows, plain))]
     out, wall = await asyncio.to_thread(run_light, url, sessions, 32, 2)
-    orc, _ = await oracle_run(backend, sessions, 32, every4_plan(backend.n_vocab))
+    orc, _ = await oracle_run(backend, sessions, 32, lambda x: Every4Plan(x, backend.n_vocab))
     res = {"engine_up_s": up, "plain": plain, "http_identical": sum(o["out"] == r for o, r in zip(out, plain)),
            "oracle_identical": sum(o == r for o, r in zip(orc, plain)), "http": summary(out, wall),
-           "errors": [o["error"] for o in out if o["error"]], "engine": backend.take_engine_stats()}
+           "errors": [o["error"] for o in out if o["error"]], "engine": await backend.engine_stats()}
     log(f"smoke: {json.dumps({k: v for k, v in res.items() if k != 'plain'})}")
     await runner.cleanup()
     backend.close()
@@ -463,12 +455,12 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        backend.take_engine_stats()      # start counting the next run
+        await backend.engine_stats()     # start counting the next run
         out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"ours_{s}"] = summary(out, wall) | {"engine": backend.take_engine_stats()}
-        backend.take_engine_stats()      # start counting the next run
-        outs, wall = await oracle_run(backend, ss, args.max_tokens, every4_plan(backend.n_vocab))
-        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": backend.take_engine_stats()}
+        res[f"ours_{s}"] = summary(out, wall) | {"engine": await backend.engine_stats()}
+        await backend.engine_stats()     # start counting the next run
+        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: Every4Plan(x, backend.n_vocab))
+        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await runner.cleanup()
     backend.close()
@@ -543,8 +535,9 @@ def run_job(args) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "") + (
-        f"_gather{args.gather_ms:g}" if args.gather_ms != 1.0 else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
-        "_nopad" if args.no_pad else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
+        f"_gather{args.gather_ms:g}" if args.gather_ms is not None else "") + (
+        f"_switch{args.switch_ms:g}" if args.switch_ms is not None else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
+        "_nopad" if args.no_pad else "") + ("_inproc" if args.in_process else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -583,7 +576,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-invariant", action="store_true")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--no-pad", action="store_true", help="in-engine: do not pad drafts to k slots")
-    ap.add_argument("--gather-ms", type=float, default=1.0, help="in-engine: wait this long to batch drafts")
+    ap.add_argument("--in-process", action="store_true", help="in-engine: engine thread in the HTTP process")
+    ap.add_argument("--gather-ms", type=float, default=None, help="in-engine: cloud.vllm.gather_ms")
+    ap.add_argument("--switch-ms", type=float, default=None, help="in-engine: cloud.vllm.switch_interval_ms")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.command == "prepare":

@@ -32,21 +32,27 @@ def aged_key(rtt_ms: Optional[float], arrival_s: float, aging_per_s: float) -> f
     return priority(rtt_ms) + aging_per_s * arrival_s
 
 
+class OrderKey:
+    """key(rtt_ms, since_s): smaller runs first. A plain object (picklable), so the same ordering can
+    be handed to the in-engine scheduler, also in another process."""
+
+    def __init__(self, aging_per_s: float, by_health: bool):
+        self.aging_per_s, self.by_health = aging_per_s, by_health
+
+    def __call__(self, rtt_ms: Optional[float], since_s: float) -> float:
+        return aged_key(rtt_ms, since_s, self.aging_per_s) if self.by_health else since_s
+
+
 class AdmissionQueue:
     """At most `max_inflight` holders; waiters are admitted lowest key first (FIFO when not
     `by_health`). Used as `async with queue.slot(rtt_ms): ...`."""
 
     def __init__(self, max_inflight: int, aging_per_s: float, by_health: bool):
         self.max_inflight = max_inflight
-        self.aging_per_s = aging_per_s
-        self.by_health = by_health
+        self.key = OrderKey(aging_per_s, by_health)   # the ordering shared with the in-engine scheduler
         self._inflight = 0
         self._heap: list[tuple[float, int, asyncio.Future]] = []
         self._counter = itertools.count()
-
-    def key(self, rtt_ms: Optional[float], since_s: float) -> float:
-        """The ordering shared with the in-engine scheduler: smaller runs first."""
-        return aged_key(rtt_ms, since_s, self.aging_per_s) if self.by_health else since_s
 
     async def acquire(self, rtt_ms: Optional[float]) -> None:
         if self._inflight < self.max_inflight and not self._heap:

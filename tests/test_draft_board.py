@@ -73,17 +73,32 @@ def test_board_finished_mid_round_reports_error():
     assert got and isinstance(got[0], str)
 
 
-def test_ready_gathers_until_all_or_timeout():
+def test_ready_waits_only_for_drafts_due_within_the_gather_window():
     board = DraftBoard(gather_ms=50.0)
-    board.open(Slot("a", "edge", [1]))
-    board.open(Slot("b", "edge", [1]))
+    for sid in "ab":
+        board.open(Slot(sid, "edge", [1]))
     now = time.monotonic()
     board.post("a", Round(1, [2], now, lambda a, t: None, lambda m: None), None)
+    assert board.ready(now)[0]                                   # b has no known cycle: not waited for
+    b = board.slots["b"]
+    b.resolved_at, b.turnaround_s = now, 0.02                    # b's next draft is due 20 ms from now
     go, wait = board.ready(now)
-    assert not go and 0 < wait <= 0.05                           # b's draft may come: wait a little
-    assert board.ready(now + 0.06)[0]                            # gathered long enough
+    assert not go and abs(wait - 0.02) < 1e-6
+    assert board.ready(now + 0.021)[0]                           # b is late: step without it
+    b.turnaround_s = 0.2                                         # due after the 50 ms window: not waited for
+    assert board.ready(now)[0]
     board.post("b", Round(1, [2], now, lambda a, t: None, lambda m: None), None)
     assert board.ready(now)[0]                                   # everyone is in
+
+
+def test_turnaround_is_measured_from_resolution_to_next_post():
+    board = DraftBoard()
+    got = _slot_with_round(board, [1, 2, 3], 3, [7])
+    assert board.slots["r"].turnaround_s is None                 # a first post has no cycle yet
+    board.produced("r", [5], finished=False)
+    slot = board.slots["r"]
+    board.post("r", Round(4, [6], slot.resolved_at + 0.03, lambda a, t: got.append((a, t)), got.append), None)
+    assert abs(slot.turnaround_s - 0.03) < 1e-9
 
 
 def test_sort_key_uses_health_order():

@@ -60,8 +60,10 @@ def make_backend(cfg) -> Backend:
                             cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
     if kind == "vllm" and cfg.cloud.vllm.design == "in_engine":
         from cloud.backends.vllm_engine_backend import VllmEngineBackend
-        return VllmEngineBackend(model_path(cfg.models.target, cfg.models.cache_dir) if not cfg.cloud.vllm.model_dir
-                                 else None, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
+        from cloud.backends.vllm_engine_process import VllmEngineProcess
+        engine = VllmEngineProcess if cfg.cloud.vllm.engine_process else VllmEngineBackend
+        gguf = None if cfg.cloud.vllm.model_dir else model_path(cfg.models.target, cfg.models.cache_dir)
+        return engine(gguf, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
     if kind == "vllm":
         from cloud.backends.vllm_backend import VllmBackend
         return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.vllm, cfg.cloud.n_ctx,

@@ -60,6 +60,8 @@ class Slot:
     round: Optional[Round] = None
     plan: Optional[Callable[[int, list[int]], list[int]]] = None   # oracle: (n, tokens) -> draft
     parked_since: float = field(default_factory=time.monotonic)
+    resolved_at: Optional[float] = None          # when its last round was decided
+    turnaround_s: Optional[float] = None         # EMA of resolved -> next draft posted (the edge's cycle)
     finished: bool = False
 
 
@@ -106,10 +108,14 @@ class DraftBoard:
     def post(self, req_id: str, rnd: Round, rtt_ms: Optional[float]) -> None:
         with self.lock:
             slot = self.slots[req_id]
+            if slot.resolved_at is not None:
+                cycle = rnd.posted - slot.resolved_at
+                slot.turnaround_s = cycle if slot.turnaround_s is None else 0.7 * slot.turnaround_s + 0.3 * cycle
             slot.round, slot.rtt_ms = rnd, rtt_ms
             done = resolve(slot.tokens, rnd.start, rnd.draft, slot.finished)
             if done is not None:
                 slot.round = None
+                slot.parked_since = slot.resolved_at = time.monotonic()
         if done is not None:
             rnd.on_done(*done)
         self.wake.set()
@@ -144,18 +150,26 @@ class DraftBoard:
         return self.order_key(slot.rtt_ms, slot.round.posted)
 
     def ready(self, now: float) -> tuple[bool, float]:
-        """Whether the engine should step now and, if not, how long to wait at most. Edge rounds
-        are gathered for up to gather_ms so one step carries many sessions' drafts."""
+        """Whether the engine should step now and, if not, how long to wait at most.
+
+        Gathering by expected arrival: a step costs about the same for few sessions as for many
+        (decode reads all the weights), so once one draft is in, the engine waits for the parked
+        sessions whose next draft is due (their last-resolved time + their turnaround EMA) within
+        gather_ms of that first draft, and no longer. Fast-cycling edges (a near, loaded cloud)
+        then share steps; slow ones (drafting on a phone, long RTT) are not waited for."""
         with self.lock:
             live = [s for s in self.slots.values() if not s.finished]
             edge = [s for s in live if s.kind == "edge"]
             others = len(live) - len(edge)
             posted = [s.round.posted for s in edge if s.round is not None]
-        if others or (posted and (len(posted) == len(edge) or now - min(posted) >= self.gather_s)):
+            due = [s.resolved_at + s.turnaround_s for s in edge if s.round is None and s.turnaround_s is not None]
+        if others or (posted and len(posted) == len(edge)):
             return True, 0.0
-        if posted:
-            return False, self.gather_s - (now - min(posted))
-        return False, 0.05
+        if not posted:
+            return False, 0.05
+        deadline = min(posted) + self.gather_s
+        until = max((t for t in due if t <= deadline), default=now)
+        return (True, 0.0) if now >= until else (False, until - now)
 
     # --- output side (engine thread) --------------------------------------------------------------
     def produced(self, req_id: str, new_tokens: list[int], finished: bool) -> None:
@@ -169,7 +183,7 @@ class DraftBoard:
             done = None if rnd is None else resolve(slot.tokens, rnd.start, rnd.draft, finished)
             if done is not None:
                 slot.round = None
-                slot.parked_since = time.monotonic()
+                slot.parked_since = slot.resolved_at = time.monotonic()
             elif rnd is not None and finished:
                 slot.round = None
         if done is not None:

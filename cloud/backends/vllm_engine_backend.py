@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -61,6 +62,9 @@ class VllmEngineBackend(Backend):
     def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None):
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # flashinfer may be absent
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"          # engine core in this process
+        # The engine thread is CPU-bound between GPU waits; with Python's default 5 ms switch interval
+        # every wake-up of the aiohttp loop waits up to 5 ms for the GIL (the convoy effect).
+        sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
         from vllm import LLMEngine
         from cloud.backends import vllm_plugins
         model_dir = cfg.model_dir or str(_dequantized(gguf, cache))
@@ -234,12 +238,36 @@ class VllmEngineBackend(Backend):
             self._inbox.put(lambda: self._abort(rid))
             self.board.wake.set()
 
-    def take_engine_stats(self) -> dict:
+    async def engine_stats(self) -> dict:
         """Engine-step counters since the last call; starts new ones."""
         total = self.scheduler.schedule_s
         st = self.stats.as_dict(total)
         self.stats = EngineStats(schedule_s_at_start=total)
         return st
+
+    async def profile(self, on: bool) -> Optional[str]:
+        """Benchmarks: cProfile the engine thread's steps between profile(True) and profile(False),
+        which returns the top of the table."""
+        import cProfile
+        import io
+        import pstats
+        if on:
+            prof, step = cProfile.Profile(), self.engine.step
+
+            def profiled_step():
+                prof.enable()
+                try:
+                    return step()
+                finally:
+                    prof.disable()
+            self._profiling = (prof, step)
+            self.engine.step = profiled_step
+            return None
+        prof, step = self._profiling
+        self.engine.step = step
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        return buf.getvalue()
 
     def close(self) -> None:
         self._stop = True

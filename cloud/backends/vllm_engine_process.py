@@ -1,0 +1,245 @@
+"""The in-engine vLLM design with the engine in its own process (`cloud.vllm.engine_process: true`).
+
+Why a second process: the engine thread runs vLLM's Python between GPU kernels and the aiohttp loop
+parses, validates and answers every round. In one process they share one GIL, so each stalls the
+other: measured on the 14B with 64 sessions, a step carrying a third of the sessions took longer
+than an oracle step carrying all of them. Here the front end (HTTP, JSON, validation, sessions:
+`cloud/server.py` + `cloud/verifier.py`, unchanged) stays in the parent and the child owns the
+engine, the DraftBoard and the scheduler plug-ins (`VllmEngineBackend`, unchanged, with its engine
+core in the child: VLLM_ENABLE_V1_MULTIPROCESSING=0 there).
+
+The boundary is one multiprocessing Pipe. Each side sends at most one pickled list of messages per
+event-loop tick, so a burst of rounds crosses as one write (drafts are batched across sessions).
+  parent -> child  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
+                   ("generate", id, session_id, prompt, max_tokens, sampling)  ("cancel", id)
+                   ("oracle", id, prompt, max_tokens, sampling, plan)   plan: a picklable callable
+                   ("stats", id)  ("profile", id, on)  ("order", key)  ("drop", session_id)  ("close",)
+  child -> parent  ("ok", id, result)  ("ended", id, reason)  ("fail", id, reason)
+                   ("tokens", id, new_tokens, finished)
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+from cloud.backends.base import Backend, SessionEnded
+from common.config import VllmConfig
+
+
+def _make_vllm(gguf, cfg, n_ctx, cache):
+    from cloud.backends.vllm_engine_backend import VllmEngineBackend
+    return VllmEngineBackend(gguf, cfg, n_ctx, cache)
+
+
+class _Wire:
+    """One end of the pipe inside an asyncio loop: batched sends, a reader callback."""
+
+    def __init__(self, conn, on_message: Callable[[tuple], None]):
+        self.conn, self.on_message, self.out = conn, on_message, []
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def attach(self) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_reader(self.conn.fileno(), self._readable)
+
+    def send(self, msg: tuple) -> None:
+        if self.loop is None or self.loop.is_closed():
+            self.conn.send([msg])               # no loop yet (set-up) or any more (shutdown)
+            return
+        self.out.append(msg)
+        if len(self.out) == 1:
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batch, self.out = self.out, []
+        if batch:
+            self.conn.send(batch)
+
+    def _readable(self) -> None:
+        try:
+            while self.conn.poll():
+                for msg in self.conn.recv():
+                    self.on_message(msg)
+        except (EOFError, OSError):
+            self.loop.remove_reader(self.conn.fileno())
+            self.on_message(("eof",))
+
+
+class VllmEngineProcess(Backend):
+    name = "vllm"
+    verifies = True
+
+    def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None,
+                 factory: Callable = _make_vllm):
+        ctx = mp.get_context("spawn")          # CUDA does not survive fork
+        self._conn, child = ctx.Pipe()
+        # not a daemon: with tensor parallelism vLLM starts worker processes from the child
+        self._proc = ctx.Process(target=serve_engine, args=(child, factory, gguf, cfg, n_ctx, cache),
+                                 name="tandem-engine")
+        self._proc.start()
+        child.close()
+        hello = self._conn.recv()               # blocks until the engine is up
+        if "error" in hello:
+            self._proc.join(timeout=30)
+            raise RuntimeError(f"the engine process failed to start: {hello['error']}")
+        self.n_vocab, self.n_ctx, self.max_inflight = hello["n_vocab"], hello["n_ctx"], hello["max_inflight"]
+        self._wire = _Wire(self._conn, self._on_message)
+        self._ids = itertools.count()
+        self._waiting: dict[int, Callable[[tuple], None]] = {}
+
+    def logits(self, session_id, tokens, n_logits, reuse):
+        raise NotImplementedError("the in-engine vLLM backend verifies rounds itself: use averify")
+
+    # --- parent side of the wire --------------------------------------------------------------------
+    def _on_message(self, msg: tuple) -> None:
+        if msg[0] == "eof":                     # the engine process died: fail everyone waiting
+            for handler in self._waiting.values():
+                handler(("fail", -1, "the engine process exited"))
+            self._waiting.clear()
+            return
+        handler = self._waiting.get(msg[1])
+        if handler is not None:
+            handler(msg)
+
+    async def _ask(self, *msg) -> object:
+        self._wire.attach()
+        fut = asyncio.get_running_loop().create_future()
+        rid = next(self._ids)
+
+        def settle(reply):
+            self._waiting.pop(rid, None)
+            if fut.done():
+                return
+            if reply[0] == "ok":
+                fut.set_result(reply[2])
+            elif reply[0] == "ended":
+                fut.set_exception(SessionEnded(reply[2]))
+            else:
+                fut.set_exception(RuntimeError(reply[2]))
+        self._waiting[rid] = settle
+        self._wire.send((msg[0], rid, *msg[1:]))
+        return await fut
+
+    # --- the backend interface --------------------------------------------------------------------------
+    async def averify(self, session_id, context, draft, sampling, rtt_ms, reuse) -> tuple[int, int, int]:
+        return await self._ask("verify", session_id, context, draft, sampling, rtt_ms, reuse)
+
+    async def agenerate(self, session_id: str, prompt: list[int], max_tokens: int, sampling) -> AsyncIterator[int]:
+        self._wire.attach()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = next(self._ids)
+        self._waiting[rid] = q.put_nowait
+        self._wire.send(("generate", rid, session_id, prompt, max_tokens, sampling))
+        finished = False
+        try:
+            while not finished:
+                msg = await q.get()
+                if msg[0] != "tokens":
+                    raise RuntimeError(msg[2])
+                _, _, new, finished = msg
+                for t in new:
+                    yield t
+        finally:
+            self._waiting.pop(rid, None)
+            if not finished:
+                self._wire.send(("cancel", rid))
+
+    async def run_oracle(self, prompt: list[int], max_tokens: int, sampling, plan) -> list[int]:
+        return await self._ask("oracle", prompt, max_tokens, sampling, plan)
+
+    async def engine_stats(self) -> dict:
+        return await self._ask("stats")
+
+    async def profile(self, on: bool) -> Optional[str]:
+        return await self._ask("profile", on)
+
+    def set_order(self, key) -> None:
+        self._wire.send(("order", key))
+
+    def drop(self, session_id: str) -> None:
+        self._wire.send(("drop", session_id))
+
+    def close(self) -> None:
+        try:
+            self._conn.send([("close",)])
+        except (OSError, BrokenPipeError):
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+
+# --- the child ----------------------------------------------------------------------------------------
+def serve_engine(conn, factory, gguf, cfg, n_ctx, cache) -> None:
+    try:
+        backend = factory(gguf, cfg, n_ctx, cache)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+        return
+    conn.send({"n_vocab": backend.n_vocab, "n_ctx": backend.n_ctx, "max_inflight": backend.max_inflight})
+    try:
+        asyncio.run(_serve(conn, backend))
+    finally:
+        backend.close()
+
+
+async def _serve(conn, backend) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    tasks: dict[int, asyncio.Task] = {}
+
+    async def answer(rid: int, coro) -> None:
+        try:
+            wire.send(("ok", rid, await coro))
+        except SessionEnded as e:
+            wire.send(("ended", rid, str(e)))
+        except Exception as e:  # noqa: BLE001 - the parent raises it in the waiting coroutine
+            wire.send(("fail", rid, f"{type(e).__name__}: {e}"))
+
+    async def stream(rid: int, gen) -> None:
+        try:
+            batch = []
+            async for tok in gen:
+                batch.append(tok)
+                if len(batch) >= 16:
+                    wire.send(("tokens", rid, batch, False))
+                    batch = []
+            wire.send(("tokens", rid, batch, True))
+        except Exception as e:  # noqa: BLE001
+            wire.send(("fail", rid, f"{type(e).__name__}: {e}"))
+
+    def start(rid: int, coro) -> None:
+        task = loop.create_task(coro)
+        tasks[rid] = task
+        task.add_done_callback(lambda _: tasks.pop(rid, None))
+
+    def on_message(msg: tuple) -> None:
+        op = msg[0]
+        if op == "verify":
+            start(msg[1], answer(msg[1], backend.averify(*msg[2:])))
+        elif op == "generate":
+            start(msg[1], stream(msg[1], backend.agenerate(*msg[2:])))
+        elif op == "oracle":
+            start(msg[1], answer(msg[1], backend.run_oracle(*msg[2:])))
+        elif op == "stats":
+            start(msg[1], answer(msg[1], backend.engine_stats()))
+        elif op == "profile":
+            start(msg[1], answer(msg[1], backend.profile(msg[2])))
+        elif op == "cancel":
+            task = tasks.get(msg[1])
+            if task is not None:
+                task.cancel()
+        elif op == "order":
+            backend.set_order(msg[1])
+        elif op == "drop":
+            backend.drop(msg[1])
+        elif op in ("close", "eof") and not stop.done():
+            stop.set_result(None)
+
+    wire = _Wire(conn, on_message)
+    wire.attach()
+    await stop
