@@ -230,6 +230,7 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
     async def one(http, s):
         out, seq, base, ctx = [], 0, 0, list(s["prompt"])
         rounds = acc = 0
+        lat = []                         # per round: client-seen ms, cloud handler ms, in-engine ms
         trace = {int(k): v for k, v in s["trace"].items()}
         while len(out) < n_new:
             rec = trace.get(len(out))
@@ -237,8 +238,11 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
             if timed:
                 await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
             body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
+            t0 = time.perf_counter()
             async with http.post(url + "/v1/verify", json=body) as r:
                 data = await r.json()
+            if r.status == 200:
+                lat.append(((time.perf_counter() - t0) * 1e3, data["timing"]["server_ms"], data["timing"]["compute_ms"]))
             if r.status != 200:
                 return {"sid": s["sid"], "error": f"{r.status} {data}", "out": out, "rounds": rounds, "acc": acc}
             new = draft[:data["accepted"]] + [data["next_token"]]
@@ -249,7 +253,7 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
                 break
         async with http.delete(f"{url}/v1/sessions/{s['sid']}") as r:
             await r.read()
-        return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc, "error": None}
+        return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc, "error": None, "lat": lat}
 
     async def go():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -284,8 +288,12 @@ def oracle_summary(outs: list[list[int]], wall: float) -> dict:
 def summary(res: list[dict], wall: float) -> dict:
     rounds = sum(r["rounds"] for r in res)
     base = oracle_summary([r["out"] for r in res], wall)
+    lat = np.array([x for r in res for x in r.get("lat", [])]).reshape(-1, 3)
+    p50 = np.percentile(lat, 50, axis=0).round(2).tolist() if len(lat) else [None] * 3
     return base | {"rounds": rounds, "tau": round(base["tokens"] / max(rounds, 1), 3),
-                   "errors": sum(bool(r["error"]) for r in res)}
+                   "errors": sum(bool(r["error"]) for r in res),
+                   # where a round's time goes (p50): seen by the client, in the cloud's handler, in the engine
+                   "round_ms_p50": dict(zip(("client", "handler", "engine"), p50))}
 
 
 async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]], float]:

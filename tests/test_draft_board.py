@@ -83,8 +83,9 @@ def test_ready_waits_only_for_drafts_due_within_the_gather_window():
     b = board.slots["b"]
     b.resolved_at, b.turnaround_s = now, 0.02                    # b's next draft is due 20 ms from now
     go, wait = board.ready(now)
-    assert not go and abs(wait - 0.02) < 1e-6
-    assert board.ready(now + 0.021)[0]                           # b is late: step without it
+    assert not go and abs(wait - 0.05) < 1e-6                    # wait for it, at most until the window closes
+    assert not board.ready(now + 0.03)[0]                        # a little late: still waited for
+    assert board.ready(now + 0.051)[0]                           # the window closed: step without it
     b.turnaround_s = 0.2                                         # due after the 50 ms window: not waited for
     assert board.ready(now)[0]
     board.post("b", Round(1, [2], now, lambda a, t: None, lambda m: None), None)

@@ -94,6 +94,7 @@ class DraftBoard:
         self.timeout_s = timeout_s
         self.pad = pad
         self.gather_s = gather_ms / 1e3
+        self.last_output = 0.0                   # when the engine last produced tokens (a step ended)
         self.slots: dict[str, Slot] = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -155,8 +156,10 @@ class DraftBoard:
         Gathering by expected arrival: a step costs about the same for few sessions as for many
         (decode reads all the weights), so once one draft is in, the engine waits for the parked
         sessions whose next draft is due (their last-resolved time + their turnaround EMA) within
-        gather_ms of that first draft, and no longer. Fast-cycling edges (a near, loaded cloud)
-        then share steps; slow ones (drafting on a phone, long RTT) are not waited for."""
+        gather_ms of that first draft (or of the last step's end, if the draft came during the step):
+        until they have all posted or the window closes. Fast-cycling
+        edges (a near, loaded cloud) then share steps; slow ones (drafting on a phone, long RTT) are
+        not waited for."""
         with self.lock:
             live = [s for s in self.slots.values() if not s.finished]
             edge = [s for s in live if s.kind == "edge"]
@@ -167,12 +170,14 @@ class DraftBoard:
             return True, 0.0
         if not posted:
             return False, 0.05
-        deadline = min(posted) + self.gather_s
-        until = max((t for t in due if t <= deadline), default=now)
-        return (True, 0.0) if now >= until else (False, until - now)
+        deadline = max(min(posted), self.last_output) + self.gather_s   # the window opens when the engine is free
+        if now >= deadline or not any(t <= deadline for t in due):
+            return True, 0.0
+        return False, deadline - now
 
     # --- output side (engine thread) --------------------------------------------------------------
     def produced(self, req_id: str, new_tokens: list[int], finished: bool) -> None:
+        self.last_output = time.monotonic()
         with self.lock:
             slot = self.slots.get(req_id)
             if slot is None:

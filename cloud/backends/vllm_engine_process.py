@@ -82,7 +82,10 @@ class VllmEngineProcess(Backend):
                                  name="tandem-engine")
         self._proc.start()
         child.close()
-        hello = self._conn.recv()               # blocks until the engine is up
+        try:
+            hello = self._conn.recv()           # blocks until the engine is up
+        except EOFError:
+            hello = {"error": f"it exited with code {self._proc.exitcode} before reporting"}
         if "error" in hello:
             self._proc.join(timeout=30)
             raise RuntimeError(f"the engine process failed to start: {hello['error']}")
