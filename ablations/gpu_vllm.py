@@ -169,14 +169,13 @@ def job_plain(args, work: Path) -> dict:
 
 # ---- the in-engine design behind our cloud ---------------------------------------------------------
 async def start_tandem_cloud(model_dir, args, **vover):
-    from cloud.backends.vllm_engine_backend import VllmEngineBackend
-    from cloud.backends.vllm_engine_process import VllmEngineProcess
+    from cloud.backends.base import make_vllm_engine
     from cloud.server import start_cloud
     from cloud.verifier import Verifier
     from common.config import load_config
     t0 = time.time()
     vc = vcfg(args, model_dir=model_dir, **vover)
-    backend = (VllmEngineProcess if vc.engine_process else VllmEngineBackend)(None, vc, 4096)
+    backend = make_vllm_engine(None, vc, 4096)
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
                                  "cloud.max_draft": 16})
     verifier = Verifier(backend, cfg.cloud, cfg.switches)
@@ -223,7 +222,7 @@ def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
     return sorted(got, key=lambda g: order[g["id"]])
 
 
-def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q) -> None:
+def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q, start) -> None:
     """Trace-driven clients: each session replays recorded drafts by output position over HTTP."""
     import aiohttp
 
@@ -258,26 +257,31 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
     async def go():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=600)) as http:
+            start.wait()                 # every client process is up: spawning is not the cloud's time
+            t0 = time.time()
             res = await asyncio.gather(*[one(http, s) for s in sessions])
-        out_q.put(res)
+        out_q.put((t0, time.time(), res))
     asyncio.run(go())
 
 
 def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0) -> tuple[list[dict], float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    ps = [ctx.Process(target=light_worker, args=(url, sessions[i::procs], n_new, timed, rtt_ms, q))
-          for i in range(procs) if sessions[i::procs]]
-    t0 = time.perf_counter()
+    shares = [sessions[i::procs] for i in range(procs) if sessions[i::procs]]
+    start = ctx.Barrier(len(shares) + 1)
+    ps = [ctx.Process(target=light_worker, args=(url, share, n_new, timed, rtt_ms, q, start)) for share in shares]
     for p in ps:
         p.start()
-    res = []
+    start.wait(timeout=120)
+    res, starts, ends = [], [], []
     for _ in ps:
-        res += q.get(timeout=900)
-    wall = time.perf_counter() - t0
+        t0, t1, got = q.get(timeout=900)
+        starts.append(t0)
+        ends.append(t1)
+        res += got
     for p in ps:
         p.join()
-    return res, wall
+    return res, max(ends) - min(starts)      # first request sent .. last answer received, over all clients
 
 
 def oracle_summary(outs: list[list[int]], wall: float) -> dict:

@@ -59,13 +59,17 @@ def make_backend(cfg) -> Backend:
         return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
                             cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
     if kind == "vllm" and cfg.cloud.vllm.design == "in_engine":
-        from cloud.backends.vllm_engine_backend import VllmEngineBackend
-        from cloud.backends.vllm_engine_process import VllmEngineProcess
-        engine = VllmEngineProcess if cfg.cloud.vllm.engine_process else VllmEngineBackend
         gguf = None if cfg.cloud.vllm.model_dir else model_path(cfg.models.target, cfg.models.cache_dir)
-        return engine(gguf, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
+        return make_vllm_engine(gguf, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
     if kind == "vllm":
         from cloud.backends.vllm_backend import VllmBackend
         return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.vllm, cfg.cloud.n_ctx,
                            cfg.models.cache_dir)
     raise ValueError(f"unknown backend '{kind}'")
+
+
+def make_vllm_engine(gguf, vcfg, n_ctx: int, cache=None) -> Backend:
+    """The in-engine vLLM backend: in a child process (`cloud.vllm.engine_process`) or in this one."""
+    from cloud.backends.vllm_engine_backend import VllmEngineBackend
+    from cloud.backends.vllm_engine_process import VllmEngineProcess
+    return (VllmEngineProcess if vcfg.engine_process else VllmEngineBackend)(gguf, vcfg, n_ctx, cache)
