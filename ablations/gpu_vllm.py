@@ -308,6 +308,20 @@ async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]]
     return [cut(o, n_new) for o in outs], time.perf_counter() - t0
 
 
+async def replay(backend, url, ss, n_new, **light) -> dict:
+    """Light clients over HTTP (run_light), with the engine's step counters for this run alone."""
+    await backend.engine_stats()     # start counting this run
+    out, wall = await asyncio.to_thread(run_light, url, ss, n_new, **light)
+    return summary(out, wall) | {"engine": await backend.engine_stats()}
+
+
+async def oracle(backend, ss, n_new, plan_cls) -> dict:
+    """The same sessions with drafts made inside the scheduler by plan_cls (no wire)."""
+    await backend.engine_stats()     # start counting this run
+    outs, wall = await oracle_run(backend, ss, n_new, lambda x: plan_cls(x, backend.n_vocab))
+    return oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
+
+
 class TracePlan:
     """Oracle drafts with the real edges' per-round shape: at output position j the recorded round
     drafted L tokens and had a accepted: propose fallback[j:j+a] + one wrong token (length L).
@@ -384,18 +398,13 @@ async def job_edges(args, work: Path) -> dict:
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        await backend.engine_stats()     # start counting the next run
-        out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"replay_{s}"] = summary(out, wall) | {"engine": await backend.engine_stats()}
-        await backend.engine_stats()     # start counting the next run
-        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: TracePlan(x, backend.n_vocab))
-        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
+        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens)
+        res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, TracePlan)
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    await backend.engine_stats()     # start counting the next run
-    out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens, 4, True, args.rtt_ms)
-    res["replay_timed_64"] = summary(out, wall) | {"rtt_ms": args.rtt_ms, "engine": await backend.engine_stats()}
+    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, timed=True, rtt_ms=args.rtt_ms) | {
+        "rtt_ms": args.rtt_ms}
     # 4. profile the engine thread's steps during a replay at 64 sessions
     res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work)
     res["cloud_stats"] = verifier.stats.snapshot()
@@ -407,12 +416,11 @@ async def job_edges(args, work: Path) -> dict:
 async def profiled(backend, url, sessions, n_new, work: Path) -> dict:
     """cProfile of the engine thread's steps during a 64-session replay."""
     ss = [dict(sessions[i % len(sessions)], sid=f"p64-{i}") for i in range(64)]
-    await backend.engine_stats()     # start counting the next run
     await backend.profile(True)
-    out, wall = await asyncio.to_thread(run_light, url, ss, n_new)
+    res = await replay(backend, url, ss, n_new)
     table = await backend.profile(False)
     (work / "profile_64.txt").write_text(table)
-    return summary(out, wall) | {"engine": await backend.engine_stats(), "top": table.splitlines()[:60]}
+    return res | {"top": table.splitlines()[:60]}
 
 
 def job_smoke(args, work: Path) -> dict:
@@ -467,12 +475,8 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        await backend.engine_stats()     # start counting the next run
-        out, wall = await asyncio.to_thread(run_light, url, ss, args.max_tokens)
-        res[f"ours_{s}"] = summary(out, wall) | {"engine": await backend.engine_stats()}
-        await backend.engine_stats()     # start counting the next run
-        outs, wall = await oracle_run(backend, ss, args.max_tokens, lambda x: Every4Plan(x, backend.n_vocab))
-        res[f"oracle_{s}"] = oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
+        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens)
+        res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, Every4Plan)
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await runner.cleanup()
     backend.close()

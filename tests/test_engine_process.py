@@ -2,11 +2,8 @@
 real Pipe, with the fake engine of test_engine_path in the child (protocol test; the GPU run uses vLLM)."""
 import asyncio
 
-import aiohttp
-
+import test_engine_path as engine_path
 from cloud.backends.vllm_engine_process import VllmEngineProcess
-from cloud.server import start_cloud
-from cloud.verifier import Verifier
 from common.config import load_config
 from test_engine_path import FakeEngineBackend, verify
 
@@ -22,19 +19,9 @@ def fake_engine_aborting(gguf, cfg, n_ctx, cache):
 
 
 def run(factory, body):
-    cfg = load_config()
-    backend = VllmEngineProcess(None, cfg.cloud.vllm, 512, factory=factory)
-
-    async def main():
-        verifier = Verifier(backend, cfg.cloud, cfg.switches)
-        runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-        try:
-            async with aiohttp.ClientSession() as http:
-                return await body(http, url)
-        finally:
-            await runner.cleanup()
+    backend = VllmEngineProcess(None, load_config().cloud.vllm, 512, factory=factory)
     try:
-        return asyncio.run(main())
+        return engine_path.run(backend, body)
     finally:
         backend.close()
         assert not backend._proc.is_alive()
