@@ -139,8 +139,8 @@ by up to 40 % between sessions (64 sessions: {_tps(p0, 'plain_64')} then {_tps(p
   output with every 4th token wrong (14B, as in the issue's probe); no HTTP, no parking.
 * **A measurement bias against "ours", found after the run**: the light clients' wall time in these
   job files starts before their 4 processes are spawned and import their modules, which the oracle
-  rows do not pay. On this repo's 2-core CPU box the same spawn costs about 0.6 s (0.64 s of
-  replay inside 1.21 s measured from outside); the GPU runs last 2.2–5.6 s. `gpu_vllm.py` now
+  rows do not pay; how much that is on the device was not measured, and the GPU runs last
+  2.2–5.6 s. `gpu_vllm.py` now
   starts the clock after a barrier that all client processes reach, but the numbers below were taken
   before that fix and were not re-run (the session's device time was spent). Read every "ours" row as
   a lower bound; the engine-side bound is in the step columns (the 14B, 64 sessions: {(b.get('ours_64') or {}).get('engine', {}).get('step_s')} s of engine steps
