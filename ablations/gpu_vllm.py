@@ -88,7 +88,7 @@ def vcfg(args, **over):
     from common.config import VllmConfig
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
                       num_speculative_tokens=K, pad_drafts=not args.no_pad, tensor_parallel_size=args.tp,
-                      engine_process=not args.in_process,
+                      engine_process=not args.in_process, attention_backend=args.attention,
                       **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms))
                          if v is not None}, **over)
 
@@ -398,26 +398,27 @@ async def job_edges(args, work: Path) -> dict:
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens)
+        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs)
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, TracePlan)
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, timed=True, rtt_ms=args.rtt_ms) | {
+    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, timed=True,
+                                          rtt_ms=args.rtt_ms) | {
         "rtt_ms": args.rtt_ms}
     # 4. profile the engine thread's steps during a replay at 64 sessions
-    res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work)
+    res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work, args.light_procs)
     res["cloud_stats"] = verifier.stats.snapshot()
     await runner.cleanup()
     backend.close()
     return res
 
 
-async def profiled(backend, url, sessions, n_new, work: Path) -> dict:
+async def profiled(backend, url, sessions, n_new, work: Path, procs: int) -> dict:
     """cProfile of the engine thread's steps during a 64-session replay."""
     ss = [dict(sessions[i % len(sessions)], sid=f"p64-{i}") for i in range(64)]
     await backend.profile(True)
-    res = await replay(backend, url, ss, n_new)
+    res = await replay(backend, url, ss, n_new, procs=procs)
     table = await backend.profile(False)
     (work / "profile_64.txt").write_text(table)
     return res | {"top": table.splitlines()[:60]}
@@ -475,7 +476,7 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens)
+        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs)
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, Every4Plan)
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await runner.cleanup()
@@ -553,7 +554,8 @@ def run_job(args) -> int:
     name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "") + (
         f"_gather{args.gather_ms:g}" if args.gather_ms is not None else "") + (
         f"_switch{args.switch_ms:g}" if args.switch_ms is not None else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
-        "_nopad" if args.no_pad else "") + ("_inproc" if args.in_process else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
+        "_nopad" if args.no_pad else "") + ("_inproc" if args.in_process else "") + (
+        f"_{args.attention.lower()}" if args.attention else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -566,6 +568,8 @@ def run_job(args) -> int:
     res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     res["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
     res["execution"] = args.execution
+    res["light_procs"] = args.light_procs
+    res["attention_backend"] = args.attention
     res["pad_drafts"] = not args.no_pad
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
@@ -595,6 +599,8 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action="store_true", help="in-engine: engine thread in the HTTP process")
     ap.add_argument("--gather-ms", type=float, default=None, help="in-engine: cloud.vllm.gather_ms")
     ap.add_argument("--switch-ms", type=float, default=None, help="in-engine: cloud.vllm.switch_interval_ms")
+    ap.add_argument("--attention", default=None, help="cloud.vllm.attention_backend (e.g. TRITON_ATTN)")
+    ap.add_argument("--light-procs", type=int, default=8, help="processes for the trace-driven light clients")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.command == "prepare":

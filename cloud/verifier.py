@@ -46,8 +46,11 @@ class Verifier:
     # --- sessions ------------------------------------------------------------------------------
     def _session(self, sid: str, create: bool) -> Optional[Session]:
         now = time.monotonic()
-        for old in [k for k, s in self.sessions.items() if now - s.touched > self.cfg.session_ttl_s]:
-            self.drop(old)
+        while self.sessions:                 # least recently used first: expire from the front, O(1) per round
+            oldest, s = next(iter(self.sessions.items()))
+            if now - s.touched <= self.cfg.session_ttl_s:
+                break
+            self.drop(oldest)
         s = self.sessions.get(sid)
         if s is None and create:
             s = self.sessions[sid] = Session()

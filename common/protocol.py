@@ -61,7 +61,7 @@ class VerifyRequest(_Message):
     append: list[TokenId] = Field(default_factory=list)   # committed tokens the cloud lacks
     draft: list[TokenId] = Field(min_length=1)            # upper bound checked against cloud.max_draft
     draft_dists: Optional[list[DraftDist]] = None          # required iff sampling (temperature > 0)
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)
     rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate
 
@@ -101,7 +101,7 @@ class GenerateRequest(_Message):
     session_id: SessionId
     prompt: list[TokenId] = Field(min_length=1)
     max_tokens: int = Field(ge=1, le=8192)
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     stop: list[TokenId] = Field(default_factory=list)
 
 

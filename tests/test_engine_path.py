@@ -11,13 +11,19 @@ from cloud.verifier import Verifier
 from common.config import load_config
 
 
+def target(prev: int, last: int) -> int:
+    """The fake target's greedy token: last + 1, but a multiple of 100 is said twice (so pads, which
+    repeat a draft's last token, are sometimes accepted)."""
+    return last if last % 100 == 0 and prev != last else last + 1
+
+
 class FakeEngineBackend(Backend):
     """Steps every unparked session once per tick, as vLLM's scheduler + rejection sampler would."""
     name, n_vocab, n_ctx, verifies = "fake-engine", 1000, 512, True
 
     def __init__(self, abort_at: int = -1):
         self.board = DraftBoard(timeout_s=60, pad=True)
-        self.sessions, self.steps, self.abort_at = {}, 0, abort_at
+        self.sessions, self.steps, self.abort_at, self.requests = {}, 0, abort_at, 0
 
     def set_order(self, key):
         self.board.order_key = key
@@ -34,13 +40,13 @@ class FakeEngineBackend(Backend):
                 self.steps += 1
                 self.board.produced(rid, [], finished=True)
                 continue
-            out, last = [], slot.tokens[-1]
+            out, prev, last = [], ([None] + slot.tokens)[-2], slot.tokens[-1]
             for t in spec:                       # greedy: accept while the draft is the target's argmax
-                if t != last + 1:
+                if t != target(prev, last):
                     break
                 out.append(t)
-                last = t
-            out.append(last + 1)                 # correction or bonus
+                prev, last = last, t
+            out.append(target(prev, last))       # correction or bonus
             self.steps += 1
             self.board.produced(rid, out, finished=False)
 
@@ -48,9 +54,9 @@ class FakeEngineBackend(Backend):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         rid = self.sessions.get(sid)
-        slot = self.board.slots.get(rid)
-        if slot is None or slot.finished or slot.tokens != context:
+        if not self.board.holds(rid, context):
             rid = self.sessions[sid] = f"req-{sid}-{len(context)}"
+            self.requests += 1
             self.board.open(Slot(rid, "edge", list(context)))
         self.board.post(rid, Round(len(context), list(draft), loop.time(), lambda a, t: fut.set_result((a, t)),
                                    lambda m: fut.set_exception(SessionEnded(m))), rtt_ms)
@@ -69,7 +75,7 @@ def run(backend, body):
         runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
         try:
             async with aiohttp.ClientSession() as http:
-                return await body(http, url)
+                return await asyncio.wait_for(body(http, url), 60)   # a stuck round fails, not hangs
         finally:
             await runner.cleanup()
     return asyncio.run(main())
@@ -107,3 +113,17 @@ def test_engine_request_ending_mid_round_is_a_409_then_resync_works():
         st, r = await verify(http, url, seq=2, base_len=0, append=[1, 2, 3, 4, 5], draft=[6, 7])
         assert st == 200 and (r["accepted"], r["next_token"], r["committed_len"]) == (2, 8, 8)
     run(backend, body)
+
+
+def test_accepted_pads_keep_the_session_in_its_engine_request():
+    backend = FakeEngineBackend()
+
+    async def body(http, url):
+        st, r = await verify(http, url, seq=0, base_len=0, append=[98, 99], draft=[100])
+        # spec [100, 100, 100, 100] (padded): the target says 100, 100, 101, so the round is (1 accepted,
+        # next 100) and the request holds one token (101) past the edge's context
+        assert st == 200 and (r["accepted"], r["next_token"], r["committed_len"]) == (1, 100, 4)
+        st, r = await verify(http, url, seq=1, base_len=4, append=[], draft=[101, 102, 103])
+        assert (r["accepted"], r["next_token"]) == (3, 104)
+    run(backend, body)
+    assert backend.requests == 1             # no fresh request (and prefill) after accepted pads

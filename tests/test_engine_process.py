@@ -35,7 +35,7 @@ def test_rounds_cross_the_process_boundary_in_batches():
         assert (r["accepted"], r["next_token"], r["committed_len"]) == (2, 9, 9)
 
         async def session(i):          # many sessions at once: their rounds share pipe writes
-            sid, base, ctx, got = f"p{i}", 0, [10 * i + 1], []
+            sid, base, ctx, got = f"p{i}", 0, [50 * i + 1], []
             for seq in range(5):
                 last = ctx[-1]
                 async with http.post(url + "/v1/verify", json={"session_id": sid, "seq": seq, "base_len": base,

@@ -121,6 +121,21 @@ class DraftBoard:
             rnd.on_done(*done)
         self.wake.set()
 
+    def holds(self, req_id: Optional[str], context: list[int]) -> bool:
+        """Whether the request is live and holds `context` (and perhaps accepted pads past it), so a
+        round after `context` can go on in it instead of a fresh request."""
+        with self.lock:
+            slot = self.slots.get(req_id) if req_id is not None else None
+            return slot is not None and not slot.finished and slot.tokens[:len(context)] == context
+
+    def prefix(self, req_id: Optional[str], n: int) -> Optional[list[int]]:
+        """The first n tokens a live request holds, or None (gone, finished or shorter)."""
+        with self.lock:
+            slot = self.slots.get(req_id) if req_id is not None else None
+            if slot is None or slot.finished or len(slot.tokens) < n:
+                return None
+            return slot.tokens[:n]
+
     def close(self, req_id: str) -> Optional[Slot]:
         with self.lock:
             return self.slots.pop(req_id, None)

@@ -13,6 +13,8 @@ def engine_kwargs(model_dir: str, cfg: VllmConfig, n_ctx: int, spec_tokens: int 
               scheduling_policy="priority", max_model_len=n_ctx, tensor_parallel_size=cfg.tensor_parallel_size,
               data_parallel_size=cfg.data_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
               max_num_seqs=cfg.max_num_seqs, load_format=cfg.load_format, seed=0)
+    if cfg.attention_backend:
+        kw["attention_backend"] = cfg.attention_backend
     if cfg.execution == "eager":
         kw["enforce_eager"] = True
     elif cfg.execution == "graphs":            # CUDA graphs for decode steps without torch.compile

@@ -177,10 +177,7 @@ class VllmEngineBackend(Backend):
                     on_done=lambda a, t: loop.call_soon_threadsafe(_settle, fut, (a, t), None),
                     on_error=lambda msg: loop.call_soon_threadsafe(_settle, fut, None, SessionEnded(msg)))
         rid = self.sessions.get(session_id)
-        slot = self.board.slots.get(rid) if rid else None
-        with self.board.lock:
-            live = slot is not None and not slot.finished and reuse and slot.tokens == context
-        if live:
+        if reuse and self.board.holds(rid, context):
             self.board.post(rid, rnd, rtt_ms)
             held = len(context)
         else:                                          # new session, re-sync, or reuse off: a fresh request

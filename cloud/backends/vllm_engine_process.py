@@ -11,6 +11,9 @@ core in the child: VLLM_ENABLE_V1_MULTIPROCESSING=0 there).
 The boundary is one multiprocessing Pipe. Each side sends at most one pickled list of messages per
 event-loop tick, so a burst of rounds crosses as one write (drafts are batched across sessions).
   parent -> child  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
+                   ("verify_held", id, session_id, n, draft, rtt_ms): a round after the n tokens the
+                   session's request holds (what its last round left there): the context and the
+                   sampling parameters cross once per engine request, not every round
                    ("generate", id, session_id, prompt, max_tokens, sampling)  ("cancel", id)
                    ("oracle", id, prompt, max_tokens, sampling, plan)   plan: a picklable callable
                    ("stats", id)  ("profile", id, on)  ("order", key)  ("drop", session_id)  ("close",)
@@ -93,6 +96,7 @@ class VllmEngineProcess(Backend):
         self._wire = _Wire(self._conn, self._on_message)
         self._ids = itertools.count()
         self._waiting: dict[int, Callable[[tuple], None]] = {}
+        self._held: dict[str, list[int]] = {}   # session -> the context its engine request holds
 
     def logits(self, session_id, tokens, n_logits, reuse):
         raise NotImplementedError("the in-engine vLLM backend verifies rounds itself: use averify")
@@ -129,7 +133,18 @@ class VllmEngineProcess(Backend):
 
     # --- the backend interface --------------------------------------------------------------------------
     async def averify(self, session_id, context, draft, sampling, rtt_ms, reuse) -> tuple[int, int, int]:
-        return await self._ask("verify", session_id, context, draft, sampling, rtt_ms, reuse)
+        if reuse and self._held.get(session_id) == context:
+            msg = ("verify_held", session_id, len(context), draft, rtt_ms)
+        else:
+            msg = ("verify", session_id, context, draft, sampling, rtt_ms, reuse)
+        try:
+            accepted, nxt, held = await self._ask(*msg)
+        except Exception:
+            self._held.pop(session_id, None)
+            raise
+        if reuse:
+            self._held[session_id] = context + draft[:accepted] + [nxt]
+        return accepted, nxt, held
 
     async def agenerate(self, session_id: str, prompt: list[int], max_tokens: int, sampling) -> AsyncIterator[int]:
         self._wire.attach()
@@ -164,6 +179,7 @@ class VllmEngineProcess(Backend):
         self._wire.send(("order", key))
 
     def drop(self, session_id: str) -> None:
+        self._held.pop(session_id, None)
         self._wire.send(("drop", session_id))
 
     def close(self) -> None:
@@ -194,6 +210,7 @@ async def _serve(conn, backend) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     tasks: dict[int, asyncio.Task] = {}
+    samplings: dict[str, object] = {}       # session -> its sampling parameters (from its last "verify")
 
     async def answer(rid: int, coro) -> None:
         try:
@@ -223,7 +240,15 @@ async def _serve(conn, backend) -> None:
     def on_message(msg: tuple) -> None:
         op = msg[0]
         if op == "verify":
+            samplings[msg[2]] = msg[5]
             start(msg[1], answer(msg[1], backend.averify(*msg[2:])))
+        elif op == "verify_held":
+            _, rid, sid, n, draft, rtt_ms = msg
+            context = backend.board.prefix(backend.sessions.get(sid), n)
+            if context is None or sid not in samplings:
+                wire.send(("ended", rid, "the session's engine request ended"))
+            else:
+                start(rid, answer(rid, backend.averify(sid, context, draft, samplings[sid], rtt_ms, True)))
         elif op == "generate":
             start(msg[1], stream(msg[1], backend.agenerate(*msg[2:])))
         elif op == "oracle":
@@ -239,6 +264,7 @@ async def _serve(conn, backend) -> None:
         elif op == "order":
             backend.set_order(msg[1])
         elif op == "drop":
+            samplings.pop(msg[1], None)
             backend.drop(msg[1])
         elif op in ("close", "eof") and not stop.done():
             stop.set_result(None)
