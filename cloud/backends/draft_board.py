@@ -124,9 +124,7 @@ class DraftBoard:
     def holds(self, req_id: Optional[str], context: list[int]) -> bool:
         """Whether the request is live and holds `context` (and perhaps accepted pads past it), so a
         round after `context` can go on in it instead of a fresh request."""
-        with self.lock:
-            slot = self.slots.get(req_id) if req_id is not None else None
-            return slot is not None and not slot.finished and slot.tokens[:len(context)] == context
+        return self.prefix(req_id, len(context)) == context
 
     def prefix(self, req_id: Optional[str], n: int) -> Optional[list[int]]:
         """The first n tokens a live request holds, or None (gone, finished or shorter)."""
