@@ -89,8 +89,8 @@ def vcfg(args, **over):
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
                       num_speculative_tokens=K, pad_drafts=not args.no_pad, tensor_parallel_size=args.tp,
                       engine_process=not args.in_process, attention_backend=args.attention,
-                      **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms))
-                         if v is not None}, **over)
+                      **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms),
+                                           ("frontends", args.frontends)) if v is not None}, **over)
 
 
 def prompts(n=None) -> list[dict]:
@@ -169,19 +169,17 @@ def job_plain(args, work: Path) -> dict:
 
 # ---- the in-engine design behind our cloud ---------------------------------------------------------
 async def start_tandem_cloud(model_dir, args, **vover):
-    from cloud.backends.base import make_vllm_engine
-    from cloud.server import start_cloud
-    from cloud.verifier import Verifier
+    """Our cloud (CloudNode: engine process + HTTP front ends) on a free port."""
+    from cloud.node import CloudNode
     from common.config import load_config
     t0 = time.time()
-    vc = vcfg(args, model_dir=model_dir, **vover)
-    backend = make_vllm_engine(None, vc, 4096)
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
                                  "cloud.max_draft": 16})
-    verifier = Verifier(backend, cfg.cloud, cfg.switches)
-    runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
-    log(f"in-engine cloud up in {time.time() - t0:.1f} s at {url} (engine in a child process: {vc.engine_process})")
-    return backend, verifier, runner, url, round(time.time() - t0, 1)
+    cfg.cloud.vllm = vcfg(args, model_dir=model_dir, **vover)
+    node = await CloudNode.start(cfg, "127.0.0.1", 0)
+    log(f"in-engine cloud up in {time.time() - t0:.1f} s at {node.url} (engine in a child process: "
+        f"{cfg.cloud.vllm.engine_process}, front ends: {1 + len(node._frontends)})")
+    return node.verifier.backend, node.verifier, node, node.url, round(time.time() - t0, 1)
 
 
 def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, rtt_ms: float, out_q) -> None:
@@ -223,43 +221,49 @@ def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
 
 
 def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q, start) -> None:
-    """Trace-driven clients: each session replays recorded drafts by output position over HTTP."""
+    """Trace-driven clients: each session replays recorded drafts by output position over HTTP, on its
+    own keep-alive connection (as an edge device would: it stays with one front end) and re-syncing
+    after a 409 as the edge does."""
     import aiohttp
 
-    async def one(http, s):
+    async def one(s):
         out, seq, base, ctx = [], 0, 0, list(s["prompt"])
-        rounds = acc = 0
+        rounds = acc = resyncs = 0
         lat = []                         # per round: client-seen ms, cloud handler ms, in-engine ms
         trace = {int(k): v for k, v in s["trace"].items()}
-        while len(out) < n_new:
-            rec = trace.get(len(out))
-            draft = rec[0] if rec else (s["fallback"][len(out):len(out) + K] or [0])
-            if timed:
-                await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
-            body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
-            t0 = time.perf_counter()
-            async with http.post(url + "/v1/verify", json=body) as r:
-                data = await r.json()
-            if r.status == 200:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                         timeout=aiohttp.ClientTimeout(total=600)) as http:
+            while len(out) < n_new:
+                rec = trace.get(len(out))
+                draft = rec[0] if rec else (s["fallback"][len(out):len(out) + K] or [0])
+                if timed:
+                    await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
+                body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
+                t0 = time.perf_counter()
+                async with http.post(url + "/v1/verify", json=body) as r:
+                    data = await r.json()
+                if r.status == 409 and base and resyncs < 100:
+                    base, resyncs = 0, resyncs + 1
+                    continue
+                if r.status != 200:
+                    return {"sid": s["sid"], "error": f"{r.status} {data}", "out": out, "rounds": rounds, "acc": acc,
+                            "resyncs": resyncs}
                 lat.append(((time.perf_counter() - t0) * 1e3, data["timing"]["server_ms"], data["timing"]["compute_ms"]))
-            if r.status != 200:
-                return {"sid": s["sid"], "error": f"{r.status} {data}", "out": out, "rounds": rounds, "acc": acc}
-            new = draft[:data["accepted"]] + [data["next_token"]]
-            out += new
-            ctx += new
-            base, seq, rounds, acc = data["committed_len"], seq + 1, rounds + 1, acc + data["accepted"]
-            if any(t in STOP for t in new):
-                break
-        async with http.delete(f"{url}/v1/sessions/{s['sid']}") as r:
-            await r.read()
-        return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc, "error": None, "lat": lat}
+                new = draft[:data["accepted"]] + [data["next_token"]]
+                out += new
+                ctx += new
+                base, seq, rounds, acc = data["committed_len"], seq + 1, rounds + 1, acc + data["accepted"]
+                if any(t in STOP for t in new):
+                    break
+            async with http.delete(f"{url}/v1/sessions/{s['sid']}") as r:
+                await r.read()
+        return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc, "error": None, "lat": lat,
+                "resyncs": resyncs}
 
     async def go():
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=600)) as http:
-            start.wait()                 # every client process is up: spawning is not the cloud's time
-            t0 = time.time()
-            res = await asyncio.gather(*[one(http, s) for s in sessions])
+        start.wait()                     # every client process is up: spawning is not the cloud's time
+        t0 = time.time()
+        res = await asyncio.gather(*[one(s) for s in sessions])
         out_q.put((t0, time.time(), res))
     asyncio.run(go())
 
@@ -296,6 +300,7 @@ def summary(res: list[dict], wall: float) -> dict:
     p50 = np.percentile(lat, 50, axis=0).round(2).tolist() if len(lat) else [None] * 3
     return base | {"rounds": rounds, "tau": round(base["tokens"] / max(rounds, 1), 3),
                    "errors": sum(bool(r["error"]) for r in res),
+                   "resyncs": sum(r.get("resyncs", 0) for r in res),
                    # where a round's time goes (p50): seen by the client, in the cloud's handler, in the engine
                    "round_ms_p50": dict(zip(("client", "handler", "engine"), p50))}
 
@@ -355,11 +360,52 @@ def oracle_draft(ref: list[int], pos: int, k: int, vocab: int) -> list[int]:
     return [ref[j] if (j + 1) % 4 else (ref[j] + 1) % vocab for j in range(pos, min(pos + k, len(ref)))]
 
 
+def divergence(ours: list[int], ref: list[int], gaps: list, n: int) -> dict | None:
+    """None when identical (to n tokens), else where they part and the reference's top-2 gap there."""
+    a, b = cut(ours, n), cut(ref, n)
+    if a == b:
+        return None
+    j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"position": j, "ref_top2_gap": gaps[j] if j < len(gaps) else None,
+            "ours": a[j] if j < len(a) else None, "ref": b[j] if j < len(b) else None}
+
+
+async def exactness_probes(backend, rows, sessions, ref, n_new: int, concurrency: int) -> dict:
+    """Where outputs part from the reference without edges or wire, on the same engine as the edges:
+    plain_staggered   target-only requests (no drafts), `concurrency` at a time as the real edges came
+    oracle_staggered  drafts made in the scheduler with the real edges' per-round shape (TracePlan over
+                      the reference's own tokens), `concurrency` at a time
+    oracle_all        the same, all prompts at once (batched like the reference run)."""
+    from common.protocol import SamplingParams
+    sem = asyncio.Semaphore(concurrency)
+    plans = [dict(s, fallback=r) for s, r in zip(sessions, ref["refs"])]
+
+    async def plain(i, p):
+        async with sem:
+            return [t async for t in backend.agenerate(f"probe{i}", p["ids"], n_new, SamplingParams())]
+
+    async def oracle_one(s, gate):
+        async with gate:
+            return await backend.run_oracle(s["prompt"], n_new, SamplingParams(), TracePlan(s, backend.n_vocab))
+
+    out = {}
+    runs = {"plain_staggered": [plain(i, p) for i, p in enumerate(rows)],
+            "oracle_staggered": [oracle_one(s, sem) for s in plans],
+            "oracle_all": [oracle_one(s, asyncio.Semaphore(len(plans))) for s in plans]}
+    for name, coros in runs.items():
+        got = await asyncio.gather(*coros)
+        div = [dict(d, id=p["id"]) for o, r, g, p in zip(got, ref["refs"], ref["gaps"], rows)
+               if (d := divergence(o, r, g, n_new)) is not None]
+        out[name] = {"identical": len(rows) - len(div), "prompts": len(rows), "divergences": div}
+        log(f"exactness probe {name}: {len(rows) - len(div)}/{len(rows)} identical to the reference")
+    return out
+
+
 async def job_edges(args, work: Path) -> dict:
     model = real_dir(args, "target")
     ref = json.loads((work / "refs15.json").read_text())
     rows = prompts(args.prompts)
-    backend, verifier, runner, url, up = await start_tandem_cloud(model, args)
+    backend, verifier, node, url, up = await start_tandem_cloud(model, args)
     res = {"engine_up_s": up}
     # 1. real edges
     t0 = time.perf_counter()
@@ -395,6 +441,7 @@ async def job_edges(args, work: Path) -> dict:
         accd = {str(pos): [len(d), a] for pos, d, a, ms in e["trace"]}
         sessions.append({"prompt": p["ids"], "trace": tr, "accepted": accd, "fallback": e["out"]})
     (work / "traces15.json").write_text(json.dumps(sessions))
+    res["exactness_probes"] = await exactness_probes(backend, rows, sessions, ref, args.max_tokens, args.edge_procs)
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
@@ -409,8 +456,7 @@ async def job_edges(args, work: Path) -> dict:
     # 4. profile the engine thread's steps during a replay at 64 sessions
     res["profile_64"] = await profiled(backend, url, sessions, args.max_tokens, work, args.light_procs)
     res["cloud_stats"] = verifier.stats.snapshot()
-    await runner.cleanup()
-    backend.close()
+    await node.close()
     return res
 
 
@@ -432,7 +478,7 @@ async def _smoke(args, work: Path) -> dict:
     """Random 1.5B-shaped weights: the in-engine path must reproduce the same engine's plain output."""
     from common.protocol import SamplingParams
     model = shape_dir(work, "shape15", QWEN_15B)
-    backend, verifier, runner, url, up = await start_tandem_cloud(model, args, load_format="dummy")
+    backend, verifier, node, url, up = await start_tandem_cloud(model, args, load_format="dummy")
     rows = prompts(8)
     plain = []
     for p in rows:
@@ -444,8 +490,7 @@ async def _smoke(args, work: Path) -> dict:
            "oracle_identical": sum(o == r for o, r in zip(orc, plain)), "http": summary(out, wall),
            "errors": [o["error"] for o in out if o["error"]], "engine": await backend.engine_stats()}
     log(f"smoke: {json.dumps({k: v for k, v in res.items() if k != 'plain'})}")
-    await runner.cleanup()
-    backend.close()
+    await node.close()
     return res
 
 
@@ -467,7 +512,7 @@ async def _big(args, work: Path, spec: bool) -> dict:
             log(f"14B plain {s}: {res[f'plain_{s}']}")
         return res
     refs = json.loads((work / "refs14.json").read_text())
-    backend, verifier, runner, url, up = await start_tandem_cloud(model, args, load_format="dummy")
+    backend, verifier, node, url, up = await start_tandem_cloud(model, args, load_format="dummy")
     res["engine_up_s"] = up
     base = [{"prompt": p["ids"], "fallback": r} for p, r in zip(rows, refs)]
     for s in (64, 256):
@@ -479,8 +524,7 @@ async def _big(args, work: Path, spec: bool) -> dict:
         res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs)
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, Every4Plan)
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
-    await runner.cleanup()
-    backend.close()
+    await node.close()
     return res
 
 
@@ -555,7 +599,8 @@ def run_job(args) -> int:
         f"_gather{args.gather_ms:g}" if args.gather_ms is not None else "") + (
         f"_switch{args.switch_ms:g}" if args.switch_ms is not None else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
         "_nopad" if args.no_pad else "") + ("_inproc" if args.in_process else "") + (
-        f"_{args.attention.lower()}" if args.attention else "") + (f"_{args.execution}" if args.execution != "graphs" else "")
+        f"_{args.attention.lower()}" if args.attention else "") + (f"_{args.execution}" if args.execution != "graphs" else "") + (
+        f"_fe{args.frontends}" if args.frontends is not None else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -571,6 +616,8 @@ def run_job(args) -> int:
     res["light_procs"] = args.light_procs
     res["attention_backend"] = args.attention
     res["pad_drafts"] = not args.no_pad
+    res["frontends"] = args.frontends
+    res["gather_ms"] = args.gather_ms
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
@@ -601,6 +648,8 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-ms", type=float, default=None, help="in-engine: cloud.vllm.switch_interval_ms")
     ap.add_argument("--attention", default=None, help="cloud.vllm.attention_backend (e.g. TRITON_ATTN)")
     ap.add_argument("--light-procs", type=int, default=8, help="processes for the trace-driven light clients")
+    ap.add_argument("--frontends", type=int, default=None, help="in-engine: cloud.vllm.frontends (HTTP processes)")
+    ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.command == "prepare":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -99,7 +100,8 @@ async def health(request: web.Request) -> web.Response:
     v = request.app[VERIFIER]
     return web.json_response({"status": "ok", "protocol": PROTOCOL_VERSION, "backend": v.backend.name,
                               "n_vocab": v.backend.n_vocab, "n_ctx": v.backend.n_ctx,
-                              "max_draft": v.cfg.max_draft, "sessions": len(v.sessions)})
+                              "max_draft": v.cfg.max_draft, "sessions": len(v.sessions),
+                              "frontend_pid": os.getpid()})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -125,11 +127,13 @@ def make_app(verifier: Verifier, cfg: TandemConfig) -> web.Application:
     return app
 
 
-async def start_cloud(verifier: Verifier, cfg: TandemConfig, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Start serving on host:port (port 0 = any free port); returns the runner and the base URL."""
+async def start_cloud(verifier: Verifier, cfg: TandemConfig, host: str, port: int,
+                      reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+    """Start serving on host:port (port 0 = any free port); returns the runner and the base URL.
+    reuse_port: other processes may serve the same port (SO_REUSEPORT; cloud/frontends.py)."""
     runner = web.AppRunner(make_app(verifier, cfg), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     sock = site._server.sockets[0]
     bound_host, bound_port = sock.getsockname()[:2]

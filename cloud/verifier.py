@@ -50,16 +50,20 @@ class Verifier:
             oldest, s = next(iter(self.sessions.items()))
             if now - s.touched <= self.cfg.session_ttl_s:
                 break
-            self.drop(oldest)
+            self._forget(oldest)
         s = self.sessions.get(sid)
         if s is None and create:
             s = self.sessions[sid] = Session()
             while len(self.sessions) > self.cfg.max_sessions:
-                self.drop(next(iter(self.sessions)))
+                self._forget(next(iter(self.sessions)))
         if s is not None:
             s.touched = now
             self.sessions.move_to_end(sid)
         return s
+
+    def _forget(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self.backend.expire(sid)
 
     def drop(self, sid: str) -> bool:
         existed = self.sessions.pop(sid, None) is not None

@@ -85,9 +85,10 @@ class VllmConfig(_Section):
     execution: str = Field("graphs", pattern="^(eager|graphs|compiled)$")
     num_speculative_tokens: int = Field(4, ge=1, le=64)   # in_engine: draft slots per step (>= edge max_k)
     draft_timeout_s: float = Field(30.0, gt=0)            # in_engine: a session parked longer is aborted
-    gather_ms: float = Field(10.0, ge=0.0)                # in_engine: wait up to this for drafts due soon
+    gather_ms: Optional[float] = Field(None, ge=0.0)      # in_engine: wait up to this for drafts due soon; None: one step
     switch_interval_ms: float = Field(0.5, gt=0.0)        # in_engine: Python's GIL switch interval (engine thread vs HTTP)
     engine_process: bool = True              # in_engine: engine in a child process, HTTP front end in this one
+    frontends: int = Field(4, ge=1, le=64)   # in_engine + engine_process: HTTP front-end processes on one port
     pad_drafts: bool = True                  # in_engine: fill every draft to k slots: uniform steps replay a CUDA graph
     attention_backend: Optional[str] = None  # vLLM's attention backend (e.g. TRITON_ATTN); None: vLLM picks
     tensor_parallel_size: int = Field(1, ge=1)

@@ -92,6 +92,24 @@ def test_ready_waits_only_for_drafts_due_within_the_gather_window():
     assert board.ready(now)[0]                                   # everyone is in
 
 
+def test_default_gather_window_is_one_measured_engine_step():
+    board = DraftBoard(gather_ms=None)
+    for sid in "ab":
+        board.open(Slot(sid, "edge", [1]))
+    now = time.monotonic()
+    board.post("a", Round(1, [2], now, lambda a, t: None, lambda m: None), None)
+    b = board.slots["b"]
+    b.resolved_at, b.turnaround_s = now, 0.02                    # b's next draft is due 20 ms from now
+    assert board.ready(now)[0]                                   # no step measured yet: no window
+    board.stepped(0.04)
+    board.last_output = 0.0
+    go, wait = board.ready(now)
+    assert not go and abs(wait - 0.04) < 1e-6                    # a 40 ms step: wait up to 40 ms for b
+    for _ in range(30):
+        board.stepped(0.01)                                      # steps got faster: the window follows
+    assert board.ready(now + 0.011)[0]
+
+
 def test_turnaround_is_measured_from_resolution_to_next_post():
     board = DraftBoard()
     got = _slot_with_round(board, [1, 2, 3], 3, [7])

@@ -1,70 +1,13 @@
 """The verifier's engine-side path (the in-engine vLLM design) over real HTTP, with the real DraftBoard
-and a fake engine whose target predicts last+1 (protocol test; the GPU run uses vLLM itself)."""
+and a simulated engine whose target predicts last+1 (protocol test; the GPU run uses vLLM itself)."""
 import asyncio
 
 import aiohttp
 
-from cloud.backends.base import Backend, SessionEnded
-from cloud.backends.draft_board import PARK, DraftBoard, Round, Slot
+from cloud.backends.simulated_engine import SimulatedEngine
 from cloud.server import start_cloud
 from cloud.verifier import Verifier
 from common.config import load_config
-
-
-def target(prev: int, last: int) -> int:
-    """The fake target's greedy token: last + 1, but a multiple of 100 is said twice (so pads, which
-    repeat a draft's last token, are sometimes accepted)."""
-    return last if last % 100 == 0 and prev != last else last + 1
-
-
-class FakeEngineBackend(Backend):
-    """Steps every unparked session once per tick, as vLLM's scheduler + rejection sampler would."""
-    name, n_vocab, n_ctx, verifies = "fake-engine", 1000, 512, True
-
-    def __init__(self, abort_at: int = -1):
-        self.board = DraftBoard(timeout_s=60, pad=True)
-        self.sessions, self.steps, self.abort_at, self.requests = {}, 0, abort_at, 0
-
-    def set_order(self, key):
-        self.board.order_key = key
-
-    def logits(self, *a):
-        raise NotImplementedError
-
-    def step(self):
-        for rid, slot in list(self.board.slots.items()):
-            spec = self.board.spec_for(rid, slot.tokens, 4)
-            if spec is PARK or slot.finished:
-                continue
-            if self.steps == self.abort_at:      # the engine drops the request mid-round (e.g. preempted + aborted)
-                self.steps += 1
-                self.board.produced(rid, [], finished=True)
-                continue
-            out, prev, last = [], ([None] + slot.tokens)[-2], slot.tokens[-1]
-            for t in spec:                       # greedy: accept while the draft is the target's argmax
-                if t != target(prev, last):
-                    break
-                out.append(t)
-                prev, last = last, t
-            out.append(target(prev, last))       # correction or bonus
-            self.steps += 1
-            self.board.produced(rid, out, finished=False)
-
-    async def averify(self, sid, context, draft, sampling, rtt_ms, reuse):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        rid = self.sessions.get(sid)
-        if not self.board.holds(rid, context):
-            rid = self.sessions[sid] = f"req-{sid}-{len(context)}"
-            self.requests += 1
-            self.board.open(Slot(rid, "edge", list(context)))
-        self.board.post(rid, Round(len(context), list(draft), loop.time(), lambda a, t: fut.set_result((a, t)),
-                                   lambda m: fut.set_exception(SessionEnded(m))), rtt_ms)
-        while not fut.done():
-            self.step()
-            await asyncio.sleep(0)
-        a, t = await fut
-        return a, t, 0
 
 
 def run(backend, body):
@@ -78,6 +21,7 @@ def run(backend, body):
                 return await asyncio.wait_for(body(http, url), 60)   # a stuck round fails, not hangs
         finally:
             await runner.cleanup()
+            backend.close()
     return asyncio.run(main())
 
 
@@ -87,7 +31,7 @@ async def verify(http, url, **kw):
 
 
 def test_rounds_through_the_engine_path():
-    backend = FakeEngineBackend()
+    backend = SimulatedEngine()
 
     async def body(http, url):
         st, r = await verify(http, url, seq=0, base_len=0, append=[1, 2, 3], draft=[4, 5, 9])
@@ -103,7 +47,7 @@ def test_rounds_through_the_engine_path():
 
 
 def test_engine_request_ending_mid_round_is_a_409_then_resync_works():
-    backend = FakeEngineBackend(abort_at=1)
+    backend = SimulatedEngine(abort_at=1)
 
     async def body(http, url):
         st, r = await verify(http, url, seq=0, base_len=0, append=[1, 2, 3], draft=[4])
@@ -116,7 +60,7 @@ def test_engine_request_ending_mid_round_is_a_409_then_resync_works():
 
 
 def test_accepted_pads_keep_the_session_in_its_engine_request():
-    backend = FakeEngineBackend()
+    backend = SimulatedEngine()
 
     async def body(http, url):
         st, r = await verify(http, url, seq=0, base_len=0, append=[98, 99], draft=[100])

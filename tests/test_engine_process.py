@@ -5,13 +5,12 @@ import asyncio
 import test_engine_path as engine_path
 from cloud.backends.vllm_engine_process import VllmEngineProcess
 from common.config import load_config
-from test_engine_path import FakeEngineBackend, verify
+from cloud.backends.simulated_engine import SimulatedEngine
+from test_engine_path import verify
 
 
 def fake_engine(gguf, cfg, n_ctx, cache, abort_at=-1):
-    backend = FakeEngineBackend(abort_at=abort_at)
-    backend.max_inflight = 64
-    return backend
+    return SimulatedEngine(abort_at=abort_at)
 
 
 def fake_engine_aborting(gguf, cfg, n_ctx, cache):
@@ -60,3 +59,74 @@ def test_session_ended_in_the_child_is_a_409_in_the_parent():
         st, r = await verify(http, url, seq=2, base_len=0, append=[1, 2, 3, 4, 5], draft=[6, 7])
         assert st == 200 and (r["accepted"], r["next_token"]) == (2, 8)
     run(fake_engine_aborting, body)
+
+
+def test_a_session_moves_between_frontends_without_a_fresh_request():
+    """Two front ends' pipes into one engine process. A round re-synced through the other front end
+    goes on in the same engine request; an expiry from the front end that lost the session is ignored,
+    one from its owner drops the request."""
+    from cloud.backends.vllm_engine_process import EngineClient
+    from common.protocol import SamplingParams
+    cfg = load_config(overrides={"cloud.vllm.frontends": 2}).cloud.vllm
+    engine = VllmEngineProcess(None, cfg, 512, factory=fake_engine)
+    other = EngineClient(engine.frontend_conns[0], engine.hello)
+    sp = SamplingParams()
+
+    async def body():
+        assert await engine.averify("s", [1, 2, 3], [4, 5, 9], sp, None, True) == (2, 6, 0)
+        assert await other.averify("s", [1, 2, 3, 4, 5, 6], [7, 8], sp, None, True) == (2, 9, 6)   # held: same request
+        engine.expire("s")                      # stale: 'other' sent the last round
+        assert await other.averify("s", list(range(1, 10)), [10], sp, None, True) == (1, 11, 9)
+        other.expire("s")                       # the owner: the request goes
+        assert (await other.averify("s", list(range(1, 12)), [12], sp, None, True))[2] == 0
+    try:
+        asyncio.run(asyncio.wait_for(body(), 30))
+    finally:
+        engine.close()
+
+
+def test_frontend_processes_share_the_port_and_sessions_resync_across_them():
+    """cloud.vllm.frontends = 3 through CloudNode: connections spread over the processes; a client that
+    opens a new connection every round keeps landing on other front ends and re-syncs (409), and its
+    rounds still come out right."""
+    import aiohttp
+    from cloud.backends import base
+    from cloud.node import CloudNode
+    cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.port": 0, "cloud.vllm.frontends": 3,
+                                 "cloud.vllm.model_dir": "unused"})
+
+    async def main():
+        real = base.make_vllm_engine
+        base.make_vllm_engine = lambda g, v, n, c=None: VllmEngineProcess(g, v, n, c, factory=fake_engine)
+        try:
+            node = await CloudNode.start(cfg)
+        finally:
+            base.make_vllm_engine = real
+        try:
+            pids = set()
+            for _ in range(30):
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                    async with http.get(node.url + "/health") as r:
+                        pids.add((await r.json())["frontend_pid"])
+            assert len(pids) > 1
+            ctx, base_len, resyncs = [1, 2, 3], 0, 0
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                for seq in range(12):
+                    last = ctx[-1]
+                    while True:
+                        body = {"session_id": "hop", "seq": seq, "base_len": base_len, "append": ctx[base_len:],
+                                "draft": [last + 1, last + 2, last + 9]}
+                        async with http.post(node.url + "/v1/verify", json=body) as r:
+                            data = await r.json()
+                        if r.status == 409:
+                            base_len, resyncs = 0, resyncs + 1
+                            continue
+                        break
+                    assert r.status == 200 and (data["accepted"], data["next_token"]) == (2, last + 3), data
+                    ctx += [last + 1, last + 2, last + 3]
+                    base_len = data["committed_len"]
+                    assert base_len == len(ctx)
+            assert resyncs > 0
+        finally:
+            await node.close()
+    asyncio.run(asyncio.wait_for(main(), 120))

@@ -39,6 +39,11 @@ class Backend(ABC):
     def drop(self, session_id: str) -> None:
         """Forget a session's cached state (no-op where state is shared)."""
 
+    def expire(self, session_id: str) -> None:
+        """The front end forgot a session it had not heard from (TTL or LRU eviction). Where several
+        front ends share one engine, another may have the session now (cloud/frontends.py)."""
+        self.drop(session_id)
+
     def close(self) -> None:
         pass
 

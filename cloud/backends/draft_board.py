@@ -90,10 +90,11 @@ def resolve(tokens: list[int], start: int, draft: list[int], finished: bool) -> 
 class DraftBoard:
     """Thread-safe: HTTP handlers post rounds, the engine thread schedules and resolves them."""
 
-    def __init__(self, timeout_s: float = 30.0, gather_ms: float = 0.0, pad: bool = False):
+    def __init__(self, timeout_s: float = 30.0, gather_ms: Optional[float] = 0.0, pad: bool = False):
         self.timeout_s = timeout_s
         self.pad = pad
-        self.gather_s = gather_ms / 1e3
+        self.gather_s = None if gather_ms is None else gather_ms / 1e3   # None: one engine step
+        self.step_s = 0.0                        # EMA of the engine's step time (0 until one is measured)
         self.last_output = 0.0                   # when the engine last produced tokens (a step ended)
         self.slots: dict[str, Slot] = {}
         self.lock = threading.Lock()
@@ -169,8 +170,10 @@ class DraftBoard:
         Gathering by expected arrival: a step costs about the same for few sessions as for many
         (decode reads all the weights), so once one draft is in, the engine waits for the parked
         sessions whose next draft is due (their last-resolved time + their turnaround EMA) within
-        gather_ms of that first draft (or of the last step's end, if the draft came during the step):
-        until they have all posted or the window closes. Fast-cycling
+        the window of that first draft (or of the last step's end, if the draft came during the step):
+        until they have all posted or the window closes. The window is gather_ms, or by default one
+        engine step (measured): a session that misses this step waits about a step for the next one,
+        so waiting longer than that for it never pays. Fast-cycling
         edges (a near, loaded cloud) then share steps; slow ones (drafting on a phone, long RTT) are
         not waited for."""
         with self.lock:
@@ -183,12 +186,17 @@ class DraftBoard:
             return True, 0.0
         if not posted:
             return False, 0.05
-        deadline = max(min(posted), self.last_output) + self.gather_s   # the window opens when the engine is free
+        window = self.step_s if self.gather_s is None else self.gather_s
+        deadline = max(min(posted), self.last_output) + window   # the window opens when the engine is free
         if now >= deadline or not any(t <= deadline for t in due):
             return True, 0.0
         return False, deadline - now
 
     # --- output side (engine thread) --------------------------------------------------------------
+    def stepped(self, seconds: float) -> None:
+        """The engine finished a step that computed something: track its duration."""
+        self.step_s = seconds if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * seconds
+
     def produced(self, req_id: str, new_tokens: list[int], finished: bool) -> None:
         self.last_output = time.monotonic()
         with self.lock:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
-from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.board_backend import BoardBackend, settle_future
 from cloud.backends.draft_board import DraftBoard, Round, Slot
 from cloud.backends.vllm_args import engine_kwargs
 from common.config import VllmConfig
@@ -55,9 +55,8 @@ def to_vllm_sampling(sampling, max_tokens: int):
                           output_kind=RequestOutputKind.DELTA)
 
 
-class VllmEngineBackend(Backend):
+class VllmEngineBackend(BoardBackend):
     name = "vllm"
-    verifies = True                # rounds are verified inside the engine (averify), not from logits
 
     def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None):
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # flashinfer may be absent
@@ -86,12 +85,6 @@ class VllmEngineBackend(Backend):
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
 
-    def set_order(self, key: Callable[[Optional[float], float], float]) -> None:
-        self.board.order_key = key
-
-    def logits(self, session_id, tokens, n_logits, reuse):
-        raise NotImplementedError("the in-engine vLLM backend verifies rounds itself: use averify")
-
     # --- engine thread ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], object]) -> "asyncio.Future":
         """Run fn on the engine thread; the returned future carries its result."""
@@ -101,9 +94,9 @@ class VllmEngineBackend(Backend):
         def job():
             try:
                 res = fn()
-                loop.call_soon_threadsafe(_settle, fut, res, None)
+                loop.call_soon_threadsafe(settle_future, fut, res, None)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, fut, None, e)
+                loop.call_soon_threadsafe(settle_future, fut, None, e)
         self._inbox.put(job)
         self.board.wake.set()
         return fut
@@ -125,9 +118,12 @@ class VllmEngineBackend(Backend):
                 continue
             t0 = time.perf_counter()
             outs = self.engine.step()
-            self.stats.step_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.step_s += took
             self.stats.steps += 1
-            if self.scheduler.last_scheduled_tokens == 0:
+            if self.scheduler.last_scheduled_tokens:
+                self.board.stepped(took)
+            else:
                 self.stats.idle_steps += 1
                 self.board.wake.wait(0.001)
                 self.board.wake.clear()
@@ -168,32 +164,15 @@ class VllmEngineBackend(Backend):
             pass
 
     # --- verifier entry points -------------------------------------------------------------------------
-    async def averify(self, session_id: str, context: list[int], draft: list[int], sampling, rtt_ms,
-                      reuse: bool) -> tuple[int, int, int]:
-        """One round: (accepted, next_token, tokens the engine already held)."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        rnd = Round(len(context), list(draft), time.monotonic(),
-                    on_done=lambda a, t: loop.call_soon_threadsafe(_settle, fut, (a, t), None),
-                    on_error=lambda msg: loop.call_soon_threadsafe(_settle, fut, None, SessionEnded(msg)))
-        rid = self.sessions.get(session_id)
-        if reuse and self.board.holds(rid, context):
-            self.board.post(rid, rnd, rtt_ms)
-            held = len(context)
-        else:                                          # new session, re-sync, or reuse off: a fresh request
-            if rid is not None:
-                self.drop(session_id)
-            salt = session_id if reuse else uuid.uuid4().hex
-            max_tokens = max(1, self.n_ctx - len(context) - 1)
+    async def open_request(self, session_id, context, sampling, rtt_ms, reuse, rnd: Round) -> str:
+        salt = session_id if reuse else uuid.uuid4().hex
+        max_tokens = max(1, self.n_ctx - len(context) - 1)
 
-            def start():
-                new = self._add("edge", context, sampling, max_tokens, salt, priority(rtt_ms), rtt_ms)
-                self.board.post(new, rnd, rtt_ms)
-                return new
-            self.sessions[session_id] = await self._call(start)
-            held = 0
-        accepted, nxt = await fut
-        return accepted, nxt, held
+        def start():
+            new = self._add("edge", context, sampling, max_tokens, salt, priority(rtt_ms), rtt_ms)
+            self.board.post(new, rnd, rtt_ms)
+            return new
+        return await self._call(start)
 
     async def agenerate(self, session_id: str, prompt: list[int], max_tokens: int, sampling) -> AsyncIterator[int]:
         """Target-only generation (plain request, never drafted): the lossless reference."""
@@ -224,7 +203,7 @@ class VllmEngineBackend(Backend):
         def on_tokens(new, finished):
             out.extend(new)
             if finished:
-                loop.call_soon_threadsafe(_settle, done, out, None)
+                loop.call_soon_threadsafe(settle_future, done, out, None)
         await self._call(lambda: self._add("oracle", prompt, sampling, max_tokens, uuid.uuid4().hex, 0,
                                            plan=plan, on_tokens=on_tokens))
         return await done
@@ -270,15 +249,6 @@ class VllmEngineBackend(Backend):
         self._stop = True
         self.board.wake.set()
         self._thread.join(timeout=10)
-
-
-def _settle(fut: asyncio.Future, result, exc) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
 
 
 def _dequantized(gguf: Path, cache: str | None) -> Path:

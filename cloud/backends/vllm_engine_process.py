@@ -8,23 +8,29 @@ than an oracle step carrying all of them. Here the front end (HTTP, JSON, valida
 engine, the DraftBoard and the scheduler plug-ins (`VllmEngineBackend`, unchanged, with its engine
 core in the child: VLLM_ENABLE_V1_MULTIPROCESSING=0 there).
 
-The boundary is one multiprocessing Pipe. Each side sends at most one pickled list of messages per
-event-loop tick, so a burst of rounds crosses as one write (drafts are batched across sessions).
-  parent -> child  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
+The boundary is one multiprocessing Pipe per front end (this process is front end 0; more front-end
+processes on the same port: cloud/frontends.py). Each side sends at most one pickled list of
+messages per event-loop tick, so a burst of rounds crosses as one write (drafts are batched across
+sessions); the engine thread's answers to a step's rounds leave in one write per loop wake-up.
+  front end -> engine  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
                    ("verify_held", id, session_id, n, draft, rtt_ms): a round after the n tokens the
                    session's request holds (what its last round left there): the context and the
-                   sampling parameters cross once per engine request, not every round
+                   sampling parameters cross once per engine request, not every round; the engine
+                   process posts it to the board directly (no task, no future per round)
                    ("generate", id, session_id, prompt, max_tokens, sampling)  ("cancel", id)
                    ("oracle", id, prompt, max_tokens, sampling, plan)   plan: a picklable callable
-                   ("stats", id)  ("profile", id, on)  ("order", key)  ("drop", session_id)  ("close",)
-  child -> parent  ("ok", id, result)  ("ended", id, reason)  ("fail", id, reason)
+                   ("stats", id)  ("profile", id, on)  ("order", key)  ("drop", session_id)
+                   ("expire", session_id)  ("close",)
+  engine -> front end  ("ok", id, result)  ("ended", id, reason)  ("fail", id, reason)
                    ("tokens", id, new_tokens, finished)
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import multiprocessing as mp
+import threading
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
@@ -38,29 +44,42 @@ def _make_vllm(gguf, cfg, n_ctx, cache):
 
 
 class _Wire:
-    """One end of the pipe inside an asyncio loop: batched sends, a reader callback."""
+    """One end of the pipe inside an asyncio loop: batched sends, a reader callback. send() may be
+    called from another thread (the engine thread resolving rounds): the batch goes out on the loop."""
 
     def __init__(self, conn, on_message: Callable[[tuple], None]):
         self.conn, self.on_message, self.out = conn, on_message, []
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.lock = threading.Lock()
 
     def attach(self) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+            self.thread = threading.get_ident()
             self.loop.add_reader(self.conn.fileno(), self._readable)
 
     def send(self, msg: tuple) -> None:
         if self.loop is None or self.loop.is_closed():
-            self.conn.send([msg])               # no loop yet (set-up) or any more (shutdown)
+            with self.lock:
+                self.conn.send([msg])           # no loop yet (set-up) or any more (shutdown)
             return
-        self.out.append(msg)
-        if len(self.out) == 1:
-            self.loop.call_soon(self._flush)
+        with self.lock:
+            self.out.append(msg)
+            first = len(self.out) == 1
+        if first:                               # one flush per burst, however many rounds it carries
+            if threading.get_ident() == self.thread:
+                self.loop.call_soon(self._flush)
+            else:
+                self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
-        batch, self.out = self.out, []
-        if batch:
-            self.conn.send(batch)
+        with self.lock:
+            batch, self.out = self.out, []
+            if batch:
+                try:
+                    self.conn.send(batch)
+                except (OSError, BrokenPipeError):
+                    pass                        # the other side went away: its reader sees EOF
 
     def _readable(self) -> None:
         try:
@@ -72,28 +91,15 @@ class _Wire:
             self.on_message(("eof",))
 
 
-class VllmEngineProcess(Backend):
+class EngineClient(Backend):
+    """A front end's side of one pipe to the engine process: the backend interface, over the wire."""
     name = "vllm"
     verifies = True
 
-    def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None,
-                 factory: Callable = _make_vllm):
-        ctx = mp.get_context("spawn")          # CUDA does not survive fork
-        self._conn, child = ctx.Pipe()
-        # not a daemon: with tensor parallelism vLLM starts worker processes from the child
-        self._proc = ctx.Process(target=serve_engine, args=(child, factory, gguf, cfg, n_ctx, cache),
-                                 name="tandem-engine")
-        self._proc.start()
-        child.close()
-        try:
-            hello = self._conn.recv()           # blocks until the engine is up
-        except EOFError:
-            hello = {"error": f"it exited with code {self._proc.exitcode} before reporting"}
-        if "error" in hello:
-            self._proc.join(timeout=30)
-            raise RuntimeError(f"the engine process failed to start: {hello['error']}")
+    def __init__(self, conn, hello: dict, on_eof: Optional[Callable[[], None]] = None):
         self.n_vocab, self.n_ctx, self.max_inflight = hello["n_vocab"], hello["n_ctx"], hello["max_inflight"]
-        self._wire = _Wire(self._conn, self._on_message)
+        self._conn, self._on_eof = conn, on_eof
+        self._wire = _Wire(conn, self._on_message)
         self._ids = itertools.count()
         self._waiting: dict[int, Callable[[tuple], None]] = {}
         self._held: dict[str, list[int]] = {}   # session -> the context its engine request holds
@@ -104,9 +110,11 @@ class VllmEngineProcess(Backend):
     # --- parent side of the wire --------------------------------------------------------------------
     def _on_message(self, msg: tuple) -> None:
         if msg[0] == "eof":                     # the engine process died: fail everyone waiting
-            for handler in self._waiting.values():
+            for handler in list(self._waiting.values()):
                 handler(("fail", -1, "the engine process exited"))
             self._waiting.clear()
+            if self._on_eof is not None:
+                self._on_eof()
             return
         handler = self._waiting.get(msg[1])
         if handler is not None:
@@ -182,6 +190,37 @@ class VllmEngineProcess(Backend):
         self._held.pop(session_id, None)
         self._wire.send(("drop", session_id))
 
+    def expire(self, session_id: str) -> None:
+        self._held.pop(session_id, None)
+        self._wire.send(("expire", session_id))
+
+
+
+class VllmEngineProcess(EngineClient):
+    """Starts the engine process (`factory` builds the backend there) with one pipe per front end:
+    this process is front end 0; `frontend_conns` are for the others (cloud/frontends.py)."""
+
+    def __init__(self, gguf: Optional[Path], cfg: VllmConfig, n_ctx: int, cache: str | None = None,
+                 factory: Callable = _make_vllm):
+        ctx = mp.get_context("spawn")          # CUDA does not survive fork
+        pipes = [ctx.Pipe() for _ in range(cfg.frontends)]
+        # not a daemon: with tensor parallelism vLLM starts worker processes from the child
+        self._proc = ctx.Process(target=serve_engine, args=([c for _, c in pipes], factory, gguf, cfg, n_ctx, cache),
+                                 name="tandem-engine")
+        self._proc.start()
+        for _, child in pipes:
+            child.close()
+        try:
+            hello = pipes[0][0].recv()          # blocks until the engine is up
+        except EOFError:
+            hello = {"error": f"it exited with code {self._proc.exitcode} before reporting"}
+        if "error" in hello:
+            self._proc.join(timeout=30)
+            raise RuntimeError(f"the engine process failed to start: {hello['error']}")
+        super().__init__(pipes[0][0], hello)
+        self.hello = hello
+        self.frontend_conns = [p for p, _ in pipes[1:]]
+
     def close(self) -> None:
         try:
             self._conn.send([("close",)])
@@ -193,26 +232,31 @@ class VllmEngineProcess(Backend):
 
 
 # --- the child ----------------------------------------------------------------------------------------
-def serve_engine(conn, factory, gguf, cfg, n_ctx, cache) -> None:
+def serve_engine(conns, factory, gguf, cfg, n_ctx, cache) -> None:
     try:
         backend = factory(gguf, cfg, n_ctx, cache)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send({"error": f"{type(e).__name__}: {e}"})
+        conns[0].send({"error": f"{type(e).__name__}: {e}"})
         return
-    conn.send({"n_vocab": backend.n_vocab, "n_ctx": backend.n_ctx, "max_inflight": backend.max_inflight})
+    conns[0].send({"n_vocab": backend.n_vocab, "n_ctx": backend.n_ctx, "max_inflight": backend.max_inflight})
     try:
-        asyncio.run(_serve(conn, backend))
+        asyncio.run(_serve(conns, backend))
     finally:
         backend.close()
 
 
-async def _serve(conn, backend) -> None:
+async def _serve(conns, backend) -> None:
+    """Answer every front end on its own pipe. Pipe 0 is the parent's: its close (or EOF) stops the
+    engine. A session belongs to the front end that last sent it a round: an expiry (TTL, LRU) from
+    a front end that has since lost the session to another (its connection moved) is ignored; an
+    explicit drop (DELETE /v1/sessions/{id}, wherever it lands) is not."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
-    tasks: dict[int, asyncio.Task] = {}
+    tasks: dict[tuple[int, int], asyncio.Task] = {}
     samplings: dict[str, object] = {}       # session -> its sampling parameters (from its last "verify")
+    owner: dict[str, int] = {}              # session -> the front end that last sent it a round
 
-    async def answer(rid: int, coro) -> None:
+    async def answer(wire: _Wire, rid: int, coro) -> None:
         try:
             wire.send(("ok", rid, await coro))
         except SessionEnded as e:
@@ -220,7 +264,7 @@ async def _serve(conn, backend) -> None:
         except Exception as e:  # noqa: BLE001 - the parent raises it in the waiting coroutine
             wire.send(("fail", rid, f"{type(e).__name__}: {e}"))
 
-    async def stream(rid: int, gen) -> None:
+    async def stream(wire: _Wire, rid: int, gen) -> None:
         try:
             batch = []
             async for tok in gen:
@@ -232,43 +276,51 @@ async def _serve(conn, backend) -> None:
         except Exception as e:  # noqa: BLE001
             wire.send(("fail", rid, f"{type(e).__name__}: {e}"))
 
-    def start(rid: int, coro) -> None:
+    def start(key: tuple[int, int], coro) -> None:
         task = loop.create_task(coro)
-        tasks[rid] = task
-        task.add_done_callback(lambda _: tasks.pop(rid, None))
+        tasks[key] = task
+        task.add_done_callback(lambda _: tasks.pop(key, None))
 
-    def on_message(msg: tuple) -> None:
-        op = msg[0]
+    def held_round(wire: _Wire, rid: int, sid: str, n: int, draft: list[int], rtt_ms) -> None:
+        """The hot path: no task, no future; the engine thread's answer goes straight onto the wire."""
+        def on_done(a: int, t: int) -> None:
+            wire.send(("ok", rid, (a, t, n)))
+
+        def on_error(reason: str) -> None:
+            wire.send(("ended", rid, reason))
+        if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error):
+            wire.send(("ended", rid, "the session's engine request ended"))
+
+    def on_message(i: int, msg: tuple) -> None:
+        op, wire = msg[0], wires[i]
         if op == "verify":
-            samplings[msg[2]] = msg[5]
-            start(msg[1], answer(msg[1], backend.averify(*msg[2:])))
+            samplings[msg[2]], owner[msg[2]] = msg[5], i
+            start((i, msg[1]), answer(wire, msg[1], backend.averify(*msg[2:])))
         elif op == "verify_held":
-            _, rid, sid, n, draft, rtt_ms = msg
-            context = backend.board.prefix(backend.sessions.get(sid), n)
-            if context is None or sid not in samplings:
-                wire.send(("ended", rid, "the session's engine request ended"))
-            else:
-                start(rid, answer(rid, backend.averify(sid, context, draft, samplings[sid], rtt_ms, True)))
+            owner[msg[2]] = i
+            held_round(wire, *msg[1:])
         elif op == "generate":
-            start(msg[1], stream(msg[1], backend.agenerate(*msg[2:])))
+            start((i, msg[1]), stream(wire, msg[1], backend.agenerate(*msg[2:])))
         elif op == "oracle":
-            start(msg[1], answer(msg[1], backend.run_oracle(*msg[2:])))
+            start((i, msg[1]), answer(wire, msg[1], backend.run_oracle(*msg[2:])))
         elif op == "stats":
-            start(msg[1], answer(msg[1], backend.engine_stats()))
+            start((i, msg[1]), answer(wire, msg[1], backend.engine_stats()))
         elif op == "profile":
-            start(msg[1], answer(msg[1], backend.profile(msg[2])))
+            start((i, msg[1]), answer(wire, msg[1], backend.profile(msg[2])))
         elif op == "cancel":
-            task = tasks.get(msg[1])
+            task = tasks.get((i, msg[1]))
             if task is not None:
                 task.cancel()
         elif op == "order":
             backend.set_order(msg[1])
-        elif op == "drop":
+        elif op == "drop" or (op == "expire" and owner.get(msg[1], i) == i):
+            owner.pop(msg[1], None)         # an expiry from a front end that lost the session is ignored
             samplings.pop(msg[1], None)
             backend.drop(msg[1])
-        elif op in ("close", "eof") and not stop.done():
+        elif op in ("close", "eof") and i == 0 and not stop.done():
             stop.set_result(None)
 
-    wire = _Wire(conn, on_message)
-    wire.attach()
+    wires = [_Wire(conn, functools.partial(on_message, i)) for i, conn in enumerate(conns)]
+    for wire in wires:
+        wire.attach()
     await stop

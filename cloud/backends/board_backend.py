@@ -1,0 +1,74 @@
+"""A backend whose engine verifies rounds itself through a DraftBoard (the in-engine vLLM design, and
+the simulated engine of the protocol tests and the front-end benchmark).
+
+A round goes on in the session's live engine request when that request holds the edge's context
+(`post_round`: no future, no task: the engine-process pipe calls it directly per message); anything
+else (a new session, a re-sync, reuse off) opens a fresh request (`open_request`, per engine).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Optional
+
+from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.draft_board import DraftBoard, Round
+
+
+class BoardBackend(Backend):
+    verifies = True                # rounds are verified inside the engine (averify), not from logits
+    board: DraftBoard
+    sessions: dict[str, str]       # session id -> its engine request id
+
+    def logits(self, session_id, tokens, n_logits, reuse):
+        raise NotImplementedError("an in-engine backend verifies rounds itself: use averify")
+
+    def set_order(self, key: Callable[[Optional[float], float], float]) -> None:
+        self.board.order_key = key
+
+    def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
+                   on_error: Callable[[str], None]) -> bool:
+        """Post a round after the first n tokens the session's live request holds (the engine thread
+        calls on_done(accepted, next_token) or on_error(reason)); False if no live request holds n."""
+        rid = self.sessions.get(session_id)
+        if self.board.prefix(rid, n) is None:
+            return False
+        self.board.post(rid, Round(n, list(draft), time.monotonic(), on_done, on_error), rtt_ms)
+        return True
+
+    async def open_request(self, session_id: str, context: list[int], sampling, rtt_ms, reuse: bool,
+                           rnd: Round) -> str:
+        """Start a fresh engine request holding `context`, post `rnd` to it, return its id."""
+        raise NotImplementedError
+
+    async def averify(self, session_id: str, context: list[int], draft: list[int], sampling, rtt_ms,
+                      reuse: bool) -> tuple[int, int, int]:
+        """One round: (accepted, next_token, tokens the engine already held)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def on_done(a: int, t: int) -> None:
+            loop.call_soon_threadsafe(settle_future, fut, (a, t), None)
+
+        def on_error(msg: str) -> None:
+            loop.call_soon_threadsafe(settle_future, fut, None, SessionEnded(msg))
+        if reuse and self.board.holds(self.sessions.get(session_id), context) and \
+                self.post_round(session_id, len(context), draft, rtt_ms, on_done, on_error):
+            held = len(context)
+        else:                                          # new session, re-sync, or reuse off: a fresh request
+            if session_id in self.sessions:
+                self.drop(session_id)
+            rnd = Round(len(context), list(draft), time.monotonic(), on_done, on_error)
+            self.sessions[session_id] = await self.open_request(session_id, context, sampling, rtt_ms, reuse, rnd)
+            held = 0
+        accepted, nxt = await fut
+        return accepted, nxt, held
+
+
+def settle_future(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
