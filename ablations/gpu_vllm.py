@@ -370,7 +370,7 @@ def divergence(ours: list[int], ref: list[int], gaps: list, n: int) -> dict | No
             "ours": a[j] if j < len(a) else None, "ref": b[j] if j < len(b) else None}
 
 
-async def exactness_probes(backend, rows, sessions, ref, n_new: int, concurrency: int) -> dict:
+async def exactness_probes(backend, rows, sessions, ref, n_new: int, concurrency: int, edge_outs) -> dict:
     """Where outputs part from the reference without edges or wire, on the same engine as the edges:
     plain_staggered   target-only requests (no drafts), `concurrency` at a time as the real edges came
     oracle_staggered  drafts made in the scheduler with the real edges' per-round shape (TracePlan over
@@ -396,7 +396,11 @@ async def exactness_probes(backend, rows, sessions, ref, n_new: int, concurrency
         got = await asyncio.gather(*coros)
         div = [dict(d, id=p["id"]) for o, r, g, p in zip(got, ref["refs"], ref["gaps"], rows)
                if (d := divergence(o, r, g, n_new)) is not None]
-        out[name] = {"identical": len(rows) - len(div), "prompts": len(rows), "divergences": div}
+        same = [cut(o, n_new) == cut(e, n_new) for o, e in zip(got, edge_outs)]
+        out[name] = {"identical": len(rows) - len(div), "prompts": len(rows), "divergences": div,
+                     # token for token equal to the real edges' output (same engine, same arrival pattern)
+                     "identical_to_edges": sum(same),
+                     "differs_from_edges": [p["id"] for p, ok in zip(rows, same) if not ok]}
         log(f"exactness probe {name}: {len(rows) - len(div)}/{len(rows)} identical to the reference")
     return out
 
@@ -441,7 +445,8 @@ async def job_edges(args, work: Path) -> dict:
         accd = {str(pos): [len(d), a] for pos, d, a, ms in e["trace"]}
         sessions.append({"prompt": p["ids"], "trace": tr, "accepted": accd, "fallback": e["out"]})
     (work / "traces15.json").write_text(json.dumps(sessions))
-    res["exactness_probes"] = await exactness_probes(backend, rows, sessions, ref, args.max_tokens, args.edge_procs)
+    res["exactness_probes"] = await exactness_probes(backend, rows, sessions, ref, args.max_tokens, args.edge_procs,
+                                                     [e["out"] for e in edges])
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
