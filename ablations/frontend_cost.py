@@ -39,19 +39,13 @@ def _cpu_s(pid: int) -> float:
 async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n_new: int = 120,
                   prompt_len: int = 400) -> dict:
     from ablations.gpu_vllm import run_light, summary
-    from cloud.backends import base
     from cloud.backends.vllm_engine_process import VllmEngineProcess
     from cloud.node import CloudNode
     from common.config import load_config
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.port": 0, "cloud.max_sessions": 4096,
                                  "cloud.vllm.model_dir": str(step_ms), "cloud.vllm.frontends": frontends})
-    real = base.make_vllm_engine
-    base.make_vllm_engine = lambda g, v, n, c=None: VllmEngineProcess(g, v, n, c, factory=simulated_engine)
-    try:
-        node = await CloudNode.start(cfg)
-    finally:
-        base.make_vllm_engine = real
-    backend = node.verifier.backend
+    backend = VllmEngineProcess(None, cfg.cloud.vllm, 4096, factory=simulated_engine)
+    node = await CloudNode.start(cfg, backend=backend)
     pids = [p.pid for p in node._frontends]
     try:
         ss = []

@@ -15,8 +15,10 @@ class CloudNode:
         self.verifier, self._runner, self.url, self._frontends = verifier, runner, url, frontends
 
     @classmethod
-    async def start(cls, cfg: TandemConfig, host: str | None = None, port: int | None = None) -> "CloudNode":
-        backend = await asyncio.to_thread(make_backend, cfg)
+    async def start(cls, cfg: TandemConfig, host: str | None = None, port: int | None = None,
+                    backend=None) -> "CloudNode":
+        """backend: one already built (tests, benchmarks); by default cfg's, built here."""
+        backend = backend or await asyncio.to_thread(make_backend, cfg)
         verifier = Verifier(backend, cfg.cloud, cfg.switches)
         more = bool(getattr(backend, "frontend_conns", None))      # the engine process takes more front ends
         host = host or cfg.cloud.host

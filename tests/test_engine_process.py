@@ -90,18 +90,11 @@ def test_frontend_processes_share_the_port_and_sessions_resync_across_them():
     opens a new connection every round keeps landing on other front ends and re-syncs (409), and its
     rounds still come out right."""
     import aiohttp
-    from cloud.backends import base
     from cloud.node import CloudNode
-    cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.port": 0, "cloud.vllm.frontends": 3,
-                                 "cloud.vllm.model_dir": "unused"})
+    cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.port": 0, "cloud.vllm.frontends": 3})
 
     async def main():
-        real = base.make_vllm_engine
-        base.make_vllm_engine = lambda g, v, n, c=None: VllmEngineProcess(g, v, n, c, factory=fake_engine)
-        try:
-            node = await CloudNode.start(cfg)
-        finally:
-            base.make_vllm_engine = real
+        node = await CloudNode.start(cfg, backend=VllmEngineProcess(None, cfg.cloud.vllm, 512, factory=fake_engine))
         try:
             pids = set()
             for _ in range(30):

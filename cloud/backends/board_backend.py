@@ -29,9 +29,11 @@ class BoardBackend(Backend):
     def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
                    on_error: Callable[[str], None]) -> bool:
         """Post a round after the first n tokens the session's live request holds (the engine thread
-        calls on_done(accepted, next_token) or on_error(reason)); False if no live request holds n."""
+        calls on_done(accepted, next_token) or on_error(reason)); False if no live request holds n.
+        The caller vouches that those n tokens are the edge's context (the front end checked them)."""
         rid = self.sessions.get(session_id)
-        if self.board.prefix(rid, n) is None:
+        tokens = self.board.held(rid)
+        if tokens is None or len(tokens) < n:
             return False
         self.board.post(rid, Round(n, list(draft), time.monotonic(), on_done, on_error), rtt_ms)
         return True
@@ -52,13 +54,14 @@ class BoardBackend(Backend):
 
         def on_error(msg: str) -> None:
             loop.call_soon_threadsafe(settle_future, fut, None, SessionEnded(msg))
-        if reuse and self.board.holds(self.sessions.get(session_id), context) and \
-                self.post_round(session_id, len(context), draft, rtt_ms, on_done, on_error):
+        rnd = Round(len(context), list(draft), time.monotonic(), on_done, on_error)
+        rid = self.sessions.get(session_id)
+        if reuse and self.board.holds(rid, context):
+            self.board.post(rid, rnd, rtt_ms)
             held = len(context)
         else:                                          # new session, re-sync, or reuse off: a fresh request
-            if session_id in self.sessions:
+            if rid is not None:
                 self.drop(session_id)
-            rnd = Round(len(context), list(draft), time.monotonic(), on_done, on_error)
             self.sessions[session_id] = await self.open_request(session_id, context, sampling, rtt_ms, reuse, rnd)
             held = 0
         accepted, nxt = await fut

@@ -125,15 +125,15 @@ class DraftBoard:
     def holds(self, req_id: Optional[str], context: list[int]) -> bool:
         """Whether the request is live and holds `context` (and perhaps accepted pads past it), so a
         round after `context` can go on in it instead of a fresh request."""
-        return self.prefix(req_id, len(context)) == context
+        tokens = self.held(req_id)
+        return tokens is not None and tokens[:len(context)] == context
 
-    def prefix(self, req_id: Optional[str], n: int) -> Optional[list[int]]:
-        """The first n tokens a live request holds, or None (gone, finished or shorter)."""
+    def held(self, req_id: Optional[str]) -> Optional[list[int]]:
+        """The tokens a live request holds (the board's own list: read it, do not change it), or None
+        (gone or finished). The engine thread only appends to it."""
         with self.lock:
             slot = self.slots.get(req_id) if req_id is not None else None
-            if slot is None or slot.finished or len(slot.tokens) < n:
-                return None
-            return slot.tokens[:n]
+            return None if slot is None or slot.finished else slot.tokens
 
     def close(self, req_id: str) -> Optional[Slot]:
         with self.lock:
