@@ -37,13 +37,14 @@ def _cpu_s(pid: int) -> float:
 
 
 async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n_new: int = 120,
-                  prompt_len: int = 400) -> dict:
+                  prompt_len: int = 400, busy_poll_ms: float = 0.0) -> dict:
     from ablations.gpu_vllm import run_light, summary
     from cloud.backends.vllm_engine_process import VllmEngineProcess
     from cloud.node import CloudNode
     from common.config import load_config
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.port": 0, "cloud.max_sessions": 4096,
-                                 "cloud.vllm.model_dir": str(step_ms), "cloud.vllm.frontends": frontends})
+                                 "cloud.vllm.model_dir": str(step_ms), "cloud.vllm.frontends": frontends,
+                                 "cloud.vllm.busy_poll_ms": busy_poll_ms})
     backend = VllmEngineProcess(None, cfg.cloud.vllm, 4096, factory=simulated_engine)
     node = await CloudNode.start(cfg, backend=backend)
     pids = [p.pid for p in node._frontends]
@@ -60,7 +61,7 @@ async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n
         await backend.engine_stats()
         front0 = time.process_time() + sum(_cpu_s(p) for p in pids)
         child0 = _cpu_s(backend._proc.pid)
-        res, wall = await asyncio.to_thread(run_light, url := node.url, ss, n_new, clients)
+        res, wall = await asyncio.to_thread(run_light, url := node.url, ss, n_new, clients, busy_poll_ms=busy_poll_ms)
         front_s = time.process_time() + sum(_cpu_s(p) for p in pids) - front0
         child_s = _cpu_s(backend._proc.pid) - child0
         st, eng = summary(res, wall), await backend.engine_stats()
@@ -68,6 +69,7 @@ async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n
         await node.close()
     rounds = st["rounds"]
     return {"sessions": sessions, "step_ms": step_ms, "client_processes": clients, "frontends": frontends,
+            "busy_poll_ms": busy_poll_ms,
             "url": url, "rounds": rounds, "wall_s": st["wall_s"], "engine_steps": eng["steps"],
             "engine_busy": round(eng["stepping_s"] / max(wall, 1e-9), 3),
             "http_processes_us_per_round": round(1e6 * front_s / rounds),

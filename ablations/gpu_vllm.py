@@ -14,6 +14,7 @@ need in --work, /tmp/gpu_work by default):
            trace-driven light clients (the real edges' recorded drafts, replayed over HTTP) at 64 and
            256 sessions, the same engine fed oracle drafts of the same tau (no wire), and a run with
            the recorded draft time + an emulated RTT; engine step profile
+  replay   the edges job's replay and oracle alone (from its traces), --repeats pairs at 64 and 256
   big      random-weight 14B: plain vs in-engine (light clients over HTTP, drafts = its own greedy
            output with every 4th token wrong) vs in-engine oracle, 64 and 256 sessions
   anchor   vLLM's own speculative decoding with the 0.5B as draft_model, 1 and 64 sessions
@@ -90,7 +91,8 @@ def vcfg(args, **over):
                       num_speculative_tokens=K, pad_drafts=not args.no_pad, tensor_parallel_size=args.tp,
                       engine_process=not args.in_process, attention_backend=args.attention,
                       **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms),
-                                           ("frontends", args.frontends)) if v is not None}, **over)
+                                           ("frontends", args.frontends), ("busy_poll_ms", args.busy_poll_ms))
+                         if v is not None}, **over)
 
 
 def prompts(n=None) -> list[dict]:
@@ -220,11 +222,16 @@ def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
     return sorted(got, key=lambda g: order[g["id"]])
 
 
-def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q, start) -> None:
+def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q, start,
+                 busy_poll_ms: float = 0.0) -> None:
     """Trace-driven clients: each session replays recorded drafts by output position over HTTP, on its
     own keep-alive connection (as an edge device would: it stays with one front end) and re-syncing
-    after a 409 as the edge does."""
+    after a 409 as the edge does. busy_poll_ms > 0: the process polls its sockets instead of sleeping
+    while rounds are in flight (cloud/busy_poll.py), as the cloud's front ends do."""
     import aiohttp
+
+    from cloud.busy_poll import BusyPoll
+    busy = BusyPoll(busy_poll_ms / 1e3)
 
     async def one(s):
         out, seq, base, ctx = [], 0, 0, list(s["prompt"])
@@ -240,6 +247,7 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
                     await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
                 body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
                 t0 = time.perf_counter()
+                busy.poke()
                 async with http.post(url + "/v1/verify", json=body) as r:
                     data = await r.json()
                 if r.status == 409 and base and resyncs < 100:
@@ -268,12 +276,13 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
     asyncio.run(go())
 
 
-def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0) -> tuple[list[dict], float]:
+def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0, busy_poll_ms=0.0) -> tuple[list[dict], float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     shares = [sessions[i::procs] for i in range(procs) if sessions[i::procs]]
     start = ctx.Barrier(len(shares) + 1)
-    ps = [ctx.Process(target=light_worker, args=(url, share, n_new, timed, rtt_ms, q, start)) for share in shares]
+    ps = [ctx.Process(target=light_worker, args=(url, share, n_new, timed, rtt_ms, q, start, busy_poll_ms))
+          for share in shares]
     for p in ps:
         p.start()
     start.wait(timeout=120)
@@ -445,17 +454,18 @@ async def job_edges(args, work: Path) -> dict:
         accd = {str(pos): [len(d), a] for pos, d, a, ms in e["trace"]}
         sessions.append({"prompt": p["ids"], "trace": tr, "accepted": accd, "fallback": e["out"]})
     (work / "traces15.json").write_text(json.dumps(sessions))
+    (Path(args.out) / "traces15.json").write_text(json.dumps(sessions))      # committed: the replay job's input
     res["exactness_probes"] = await exactness_probes(backend, rows, sessions, ref, args.max_tokens, args.edge_procs,
                                                      [e["out"] for e in edges])
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
         ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs)
+        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, TracePlan)
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, timed=True,
+    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, timed=True, busy_poll_ms=args.client_busy_poll_ms,
                                           rtt_ms=args.rtt_ms) | {
         "rtt_ms": args.rtt_ms}
     # 4. profile the engine thread's steps during a replay at 64 sessions
@@ -473,6 +483,33 @@ async def profiled(backend, url, sessions, n_new, work: Path, procs: int) -> dic
     table = await backend.profile(False)
     (work / "profile_64.txt").write_text(table)
     return res | {"top": table.splitlines()[:60]}
+
+
+async def job_replay(args, work: Path) -> dict:
+    """The edges job's trace-driven replay alone, from the traces that job left (traces15.json in
+    --work, or the committed results/gpu_traces15.json): ours and the oracle in turn, --repeats pairs
+    at 64 and 256 sessions, a ratio per pair (the median is the figure: single runs are noisy)."""
+    model = real_dir(args, "target")
+    traces = work / "traces15.json"
+    sessions = json.loads((traces if traces.exists() else RESULTS / "gpu_traces15.json").read_text())
+    backend, verifier, node, url, up = await start_tandem_cloud(model, args)
+    res = {"engine_up_s": up, "runs": []}
+    light = {"procs": args.light_procs, "busy_poll_ms": args.client_busy_poll_ms}
+    await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32, **light)
+    for rep in range(args.repeats):
+        for s in (64, 256):
+            ss = [dict(sessions[i % len(sessions)], sid=f"r{rep}-{s}-{i}") for i in range(s)]
+            ours = await replay(backend, url, ss, args.max_tokens, **light)
+            orc = await oracle(backend, ss, args.max_tokens, TracePlan)
+            res["runs"].append({"sessions": s, "ours": ours, "oracle": orc,
+                                "ratio": round(ours["tokens_per_s"] / orc["tokens_per_s"], 3)})
+            log(f"replay {rep} {s}: ours {ours['tokens_per_s']} oracle {orc['tokens_per_s']} "
+                f"ratio {res['runs'][-1]['ratio']} round p50 {ours['round_ms_p50']}")
+    for s in (64, 256):
+        r = sorted(x["ratio"] for x in res["runs"] if x["sessions"] == s)
+        res[f"oracle_ceiling_{s}"] = {"median": r[len(r) // 2], "all": r}
+    await node.close()
+    return res
 
 
 def job_smoke(args, work: Path) -> dict:
@@ -528,7 +565,7 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs)
+        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, Every4Plan)
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await node.close()
@@ -580,7 +617,8 @@ async def job_baseline(args, work: Path) -> dict:
 
 JOBS = {"smoke": job_smoke, "plain": job_plain, "edges": lambda a, w: asyncio.run(job_edges(a, w)),
         "big_plain": lambda a, w: asyncio.run(_big(a, w, False)), "big": lambda a, w: asyncio.run(_big(a, w, True)),
-        "anchor": job_anchor, "baseline": lambda a, w: asyncio.run(job_baseline(a, w))}
+        "anchor": job_anchor, "baseline": lambda a, w: asyncio.run(job_baseline(a, w)),
+        "replay": lambda a, w: asyncio.run(job_replay(a, w))}
 
 
 def stage_cache(args) -> None:
@@ -607,7 +645,9 @@ def run_job(args) -> int:
         f"_switch{args.switch_ms:g}" if args.switch_ms is not None else "") + (f"_tp{args.tp}" if args.tp > 1 else "") + (
         "_nopad" if args.no_pad else "") + ("_inproc" if args.in_process else "") + (
         f"_{args.attention.lower()}" if args.attention else "") + (f"_{args.execution}" if args.execution != "graphs" else "") + (
-        f"_fe{args.frontends}" if args.frontends is not None else "") + (f"_{args.tag}" if args.tag else "")
+        f"_fe{args.frontends}" if args.frontends is not None else "") + (
+        f"_busy{args.busy_poll_ms:g}" if args.busy_poll_ms is not None else "") + (
+        f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -625,6 +665,8 @@ def run_job(args) -> int:
     res["pad_drafts"] = not args.no_pad
     res["frontends"] = args.frontends
     res["gather_ms"] = args.gather_ms
+    res["busy_poll_ms"] = args.busy_poll_ms
+    res["client_busy_poll_ms"] = args.client_busy_poll_ms
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
@@ -656,6 +698,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default=None, help="cloud.vllm.attention_backend (e.g. TRITON_ATTN)")
     ap.add_argument("--light-procs", type=int, default=8, help="processes for the trace-driven light clients")
     ap.add_argument("--frontends", type=int, default=None, help="in-engine: cloud.vllm.frontends (HTTP processes)")
+    ap.add_argument("--busy-poll-ms", type=float, default=None, help="in-engine: cloud.vllm.busy_poll_ms")
+    ap.add_argument("--client-busy-poll-ms", type=float, default=0.0,
+                    help="light clients poll their sockets this long after each round instead of sleeping")
+    ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
     ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)

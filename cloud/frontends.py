@@ -57,7 +57,8 @@ async def _serve(conn, hello, cfg, host, port, ready) -> None:
     from cloud.server import start_cloud
     from cloud.verifier import Verifier
     stop = asyncio.get_running_loop().create_future()
-    backend = EngineClient(conn, hello, on_eof=lambda: stop.done() or stop.set_result(None))
+    backend = EngineClient(conn, hello, on_eof=lambda: stop.done() or stop.set_result(None),
+                           busy_poll_s=cfg.cloud.vllm.busy_poll_ms / 1e3)
     backend._wire.attach()
     runner, _ = await start_cloud(Verifier(backend, cfg.cloud, cfg.switches), cfg, host, port, reuse_port=True)
     ready.set()

@@ -129,3 +129,24 @@ def test_sort_key_uses_health_order():
     board.post("far", Round(1, [2], t, lambda a, b: None, lambda m: None), 400.0)
     board.post("near", Round(1, [2], t, lambda a, b: None, lambda m: None), 5.0)
     assert board.sort_key("near", 0) < board.sort_key("far", 0)
+
+
+def test_waker_is_an_event_a_select_can_wait_for():
+    import select
+    import threading
+    from cloud.backends.draft_board import Waker
+    w = Waker()
+    try:
+        assert not w.is_set() and w.wait(0.01) is False
+        assert select.select([w], [], [], 0)[0] == []
+        w.set()
+        w.set()                                 # idempotent: one byte, one clear
+        assert w.is_set() and w.wait(0) is True
+        assert select.select([w], [], [], 0)[0] == [w]
+        w.clear()
+        assert not w.is_set() and select.select([w], [], [], 0)[0] == []
+        threading.Timer(0.05, w.set).start()    # another thread wakes a waiter
+        t0 = time.monotonic()
+        assert w.wait(5.0) is True and time.monotonic() - t0 < 2.0
+    finally:
+        w.close()

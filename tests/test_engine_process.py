@@ -123,3 +123,70 @@ def test_frontend_processes_share_the_port_and_sessions_resync_across_them():
         finally:
             await node.close()
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_engine_port_posts_held_rounds_on_the_engine_thread_and_forwards_the_rest_in_order():
+    """EnginePort (the engine thread's side of the pipes): held rounds are handled on the thread that
+    waits, the rest are forwarded in arrival order; its own sends wait for its flush; a wait ends at
+    its timeout, on a message, or when the board's waker is set."""
+    import multiprocessing as mp
+    import threading
+    import time
+    from cloud.backends.draft_board import Waker
+    from cloud.backends.vllm_engine_process import EnginePort, _Wire
+
+    async def main():
+        (a0, b0), (a1, b1) = mp.Pipe(), mp.Pipe()
+        wires = [_Wire(b0, None), _Wire(b1, None)]
+        for w in wires:
+            w.attach(read=False)
+        wake, local, forwarded = Waker(), [], []
+
+        def on_local(i, msg):
+            if msg[0] != "verify_held":
+                return False
+            local.append((i, msg[1], threading.get_ident()))
+            wires[i].send(("ok", msg[1], "answer"))         # as held_round does: waits for the flush
+            return True
+        port = EnginePort(wires, wake, on_local, lambda i, m: forwarded.append((i, m[0], m[1])), busy_s=0.02)
+        engine_thread = {}
+
+        def engine():
+            engine_thread["id"] = threading.get_ident()
+            t0 = time.monotonic()
+            port.wait(0.2)                                  # nothing there: ends at the timeout
+            engine_thread["idle"] = time.monotonic() - t0
+            a0.send([("stats", 1), ("verify_held", 2, "s", 5, [1], None), ("drop", "s")])
+            a1.send([("verify_held", 3, "t", 5, [1], None)])
+            time.sleep(0.05)
+            port.wait(5.0)                                  # both pipes are ready: ends at once
+            threading.Timer(0.05, wake.set).start()
+            t0 = time.monotonic()
+            port.wait(5.0)                                  # the waker ends it
+            engine_thread["woken"] = time.monotonic() - t0
+        await asyncio.to_thread(engine)
+        assert 0.15 < engine_thread["idle"] < 2.0 and engine_thread["woken"] < 2.0
+        assert [(i, rid) for i, rid, _ in local] == [(0, 2), (1, 3)]
+        assert all(tid == engine_thread["id"] for _, _, tid in local)
+        assert forwarded == [(0, "stats", 1), (0, "drop", "s")]
+        assert a0.poll(1) and a0.recv() == [("ok", 2, "answer")]   # flushed by the wait that posted it
+        assert a1.poll(1) and a1.recv() == [("ok", 3, "answer")]
+        wake.close()
+    asyncio.run(main())
+
+
+def test_busy_poll_keeps_the_loop_polling_for_its_window_only():
+    from cloud.busy_poll import BusyPoll
+
+    async def main():
+        busy = BusyPoll(0.1)
+        busy.poke()
+        assert busy.task is not None
+        await asyncio.sleep(0.05)
+        assert busy.task is not None and not busy.task.done()
+        await asyncio.sleep(0.2)
+        assert busy.task is None                        # the window passed: the loop sleeps again
+        off = BusyPoll(0.0)
+        off.poke()
+        assert off.task is None
+    asyncio.run(main())

@@ -26,6 +26,16 @@ class BoardBackend(Backend):
     def set_order(self, key: Callable[[Optional[float], float], float]) -> None:
         self.board.order_key = key
 
+    # The engine thread's two waits and its output. The engine process replaces both with its pipe
+    # poller (vllm_engine_process.EnginePort), so that drafts and answers cross with no other thread.
+    def wait_input(self, timeout: float) -> None:
+        """Engine thread: wait up to timeout for a draft or a job (0: only take what is there)."""
+        self.board.wake.wait(timeout)
+        self.board.wake.clear()
+
+    def flush_output(self) -> None:
+        """Engine thread, after a step's outputs: send the answers it produced (here they left already)."""
+
     def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
                    on_error: Callable[[str], None]) -> bool:
         """Post a round after the first n tokens the session's live request holds (the engine thread

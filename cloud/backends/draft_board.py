@@ -34,12 +34,55 @@ sample from p with x removed, renormalised. P(y) = q(y)p(y) + sum_{x != y} q(x)(
 """
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 PARK = "park"          # spec_for(): do not schedule this request this step
+
+
+class Waker:
+    """threading.Event's set/clear/wait/is_set, plus fileno(): the engine process's engine thread waits
+    for it and for its pipes in one select (vllm_engine_process.py)."""
+
+    def __init__(self):
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._flag = False
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._flag:
+                self._flag = True
+                self._w.send(b"!")
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._flag:
+                self._flag = False
+                try:
+                    self._r.recv(64)
+                except BlockingIOError:
+                    pass
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if not self._flag:
+            select.select([self._r], [], [], timeout)
+        return self._flag
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
 
 
 @dataclass
@@ -98,7 +141,7 @@ class DraftBoard:
         self.last_output = 0.0                   # when the engine last produced tokens (a step ended)
         self.slots: dict[str, Slot] = {}
         self.lock = threading.Lock()
-        self.wake = threading.Event()
+        self.wake = Waker()
         self.order_key: Callable[[Optional[float], float], float] = lambda rtt_ms, since: since
 
     # --- HTTP side ----------------------------------------------------------------------------

@@ -38,11 +38,12 @@ class SimulatedEngine(BoardBackend):
 
     def _run(self) -> None:
         while not self._stop:
+            self.wait_input(0.0)
             go, wait = self.board.ready(time.monotonic())
             if go and self.step():
+                self.flush_output()
                 continue
-            self.board.wake.wait(wait if not go else 0.001)
-            self.board.wake.clear()
+            self.wait_input(wait if not go else 0.001)
 
     def step(self) -> bool:
         work = [(rid, slot, spec) for rid, slot in list(self.board.slots.items())
@@ -91,3 +92,5 @@ class SimulatedEngine(BoardBackend):
         self._stop = True
         self.board.wake.set()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.board.wake.close()

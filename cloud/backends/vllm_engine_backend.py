@@ -103,6 +103,7 @@ class VllmEngineBackend(BoardBackend):
 
     def _run(self) -> None:
         while not self._stop:
+            self.wait_input(0.0)
             while True:
                 try:
                     self._inbox.get_nowait()()
@@ -113,8 +114,7 @@ class VllmEngineBackend(BoardBackend):
                 self._abort(rid)
             go, wait = self.board.ready(now)
             if not go:
-                self.board.wake.wait(wait)
-                self.board.wake.clear()
+                self.wait_input(wait)
                 continue
             t0 = time.perf_counter()
             outs = self.engine.step()
@@ -125,8 +125,7 @@ class VllmEngineBackend(BoardBackend):
                 self.board.stepped(took)
             else:
                 self.stats.idle_steps += 1
-                self.board.wake.wait(0.001)
-                self.board.wake.clear()
+                self.wait_input(0.001)
             for out in outs:
                 rid = self._internal.get(out.request_id, out.request_id)
                 new = list(out.outputs[0].token_ids) if out.outputs else []
@@ -141,6 +140,7 @@ class VllmEngineBackend(BoardBackend):
                     slot = self.board.slots.get(rid)
                     if slot is not None and slot.kind != "edge":
                         self.board.close(rid)
+            self.flush_output()
 
     def _add(self, slot_kind: str, prompt: list[int], sampling, max_tokens: int, salt: str, prio: int,
              rtt_ms=None, plan=None, on_tokens=None) -> str:
@@ -249,6 +249,8 @@ class VllmEngineBackend(BoardBackend):
         self._stop = True
         self.board.wake.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.board.wake.close()
 
 
 def _dequantized(gguf: Path, cache: str | None) -> Path:

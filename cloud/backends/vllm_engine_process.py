@@ -9,9 +9,13 @@ engine, the DraftBoard and the scheduler plug-ins (`VllmEngineBackend`, unchange
 core in the child: VLLM_ENABLE_V1_MULTIPROCESSING=0 there).
 
 The boundary is one multiprocessing Pipe per front end (this process is front end 0; more front-end
-processes on the same port: cloud/frontends.py). Each side sends at most one pickled list of
+processes on the same port: cloud/frontends.py). A front end sends at most one pickled list of
 messages per event-loop tick, so a burst of rounds crosses as one write (drafts are batched across
-sessions); the engine thread's answers to a step's rounds leave in one write per loop wake-up.
+sessions). In the engine process the engine thread itself reads the pipes between steps
+(`EnginePort`): a held round goes from the pipe to the board and its answer from the step's output
+to the pipe, one write per pipe per step, with no hand-off to another thread; everything else goes
+to the process's asyncio loop, in order. Both sides poll instead of sleeping for
+`cloud.vllm.busy_poll_ms` after activity (cloud/busy_poll.py says why).
   front end -> engine  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
                    ("verify_held", id, session_id, n, draft, rtt_ms): a round after the n tokens the
                    session's request holds (what its last round left there): the context and the
@@ -30,11 +34,14 @@ import asyncio
 import functools
 import itertools
 import multiprocessing as mp
+import selectors
 import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
 from cloud.backends.base import Backend, SessionEnded
+from cloud.busy_poll import BusyPoll
 from common.config import VllmConfig
 
 
@@ -44,36 +51,43 @@ def _make_vllm(gguf, cfg, n_ctx, cache):
 
 
 class _Wire:
-    """One end of the pipe inside an asyncio loop: batched sends, a reader callback. send() may be
-    called from another thread (the engine thread resolving rounds): the batch goes out on the loop."""
+    """One end of the pipe: batched sends, a reader. Inside an asyncio loop (attach) the loop reads it
+    and flushes sends once per loop tick; send() may come from another thread. The thread that owns
+    the wire's reading on the engine side (`EnginePort`) flushes its own sends (after each step)."""
 
     def __init__(self, conn, on_message: Callable[[tuple], None]):
         self.conn, self.on_message, self.out = conn, on_message, []
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.lock = threading.Lock()
+        self.scheduled = False                  # a flush is queued on the loop
+        self.owner: Optional[int] = None        # a thread whose sends wait for its own flush()
 
-    def attach(self) -> None:
+    def attach(self, read: bool = True) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             self.thread = threading.get_ident()
-            self.loop.add_reader(self.conn.fileno(), self._readable)
+            if read:
+                self.loop.add_reader(self.conn.fileno(), self._readable)
 
     def send(self, msg: tuple) -> None:
         if self.loop is None or self.loop.is_closed():
             with self.lock:
                 self.conn.send([msg])           # no loop yet (set-up) or any more (shutdown)
             return
+        me = threading.get_ident()
         with self.lock:
             self.out.append(msg)
-            first = len(self.out) == 1
-        if first:                               # one flush per burst, however many rounds it carries
-            if threading.get_ident() == self.thread:
-                self.loop.call_soon(self._flush)
-            else:
-                self.loop.call_soon_threadsafe(self._flush)
+            if me == self.owner or self.scheduled:
+                return                          # one flush per burst, however many rounds it carries
+            self.scheduled = True
+        if me == self.thread:
+            self.loop.call_soon(self.flush)
+        else:
+            self.loop.call_soon_threadsafe(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         with self.lock:
+            self.scheduled = False
             batch, self.out = self.out, []
             if batch:
                 try:
@@ -81,14 +95,72 @@ class _Wire:
                 except (OSError, BrokenPipeError):
                     pass                        # the other side went away: its reader sees EOF
 
-    def _readable(self) -> None:
+    def read(self, handle: Callable[[tuple], None]) -> bool:
+        """Hand every message waiting in the pipe to handle; False at EOF."""
         try:
             while self.conn.poll():
                 for msg in self.conn.recv():
-                    self.on_message(msg)
+                    handle(msg)
         except (EOFError, OSError):
+            return False
+        return True
+
+    def _readable(self) -> None:
+        if not self.read(self.on_message):
             self.loop.remove_reader(self.conn.fileno())
             self.on_message(("eof",))
+
+
+class EnginePort:
+    """The engine thread's side of every pipe, installed as the backend's wait_input/flush_output.
+
+    wait(timeout): between steps, read the pipes (and the board's waker) for up to timeout: held
+    rounds are posted to the board right here (`local`), everything else is handed to the asyncio
+    loop (`forward`), in order. Within busy_s of the last activity it polls instead of sleeping in
+    select. flush(): after a step, write its answers, one batch per pipe."""
+
+    def __init__(self, wires: list[_Wire], wake, local: Callable[[int, tuple], bool],
+                 forward: Callable[[int, tuple], None], busy_s: float):
+        self.wires, self.wake, self.local, self.forward, self.busy_s = wires, wake, local, forward, busy_s
+        self.sel = selectors.DefaultSelector()
+        for i, w in enumerate(wires):
+            self.sel.register(w.conn.fileno(), selectors.EVENT_READ, i)
+        self.sel.register(wake.fileno(), selectors.EVENT_READ, None)
+        self.active = 0.0                       # when a message came in or answers went out last
+
+    def wait(self, timeout: float) -> None:
+        me = threading.get_ident()
+        for w in self.wires:
+            w.owner = me
+        now = time.monotonic()
+        end, got = now + timeout, False
+        while True:
+            polling = now < self.active + self.busy_s
+            for key, _ in self.sel.select(0 if polling else max(0.0, end - now)):
+                got = True
+                if key.data is not None:
+                    self._read(key.data)
+            now = time.monotonic()
+            if got or self.wake.is_set() or now >= end:
+                break
+        self.wake.clear()
+        if got:
+            self.active = now
+        self.flush()
+
+    def _read(self, i: int) -> None:
+        def one(msg: tuple) -> None:
+            if not self.local(i, msg):
+                self.forward(i, msg)
+        if not self.wires[i].read(one):
+            self.sel.unregister(self.wires[i].conn.fileno())
+            self.forward(i, ("eof",))
+
+    def flush(self) -> None:
+        for w in self.wires:
+            if w.out:
+                w.flush()
+                self.active = time.monotonic()
 
 
 class EngineClient(Backend):
@@ -96,9 +168,10 @@ class EngineClient(Backend):
     name = "vllm"
     verifies = True
 
-    def __init__(self, conn, hello: dict, on_eof: Optional[Callable[[], None]] = None):
+    def __init__(self, conn, hello: dict, on_eof: Optional[Callable[[], None]] = None, busy_poll_s: float = 0.0):
         self.n_vocab, self.n_ctx, self.max_inflight = hello["n_vocab"], hello["n_ctx"], hello["max_inflight"]
         self._conn, self._on_eof = conn, on_eof
+        self._busy = BusyPoll(busy_poll_s)      # poll, not sleep, while rounds come and go
         self._wire = _Wire(conn, self._on_message)
         self._ids = itertools.count()
         self._waiting: dict[int, Callable[[tuple], None]] = {}
@@ -109,6 +182,7 @@ class EngineClient(Backend):
 
     # --- parent side of the wire --------------------------------------------------------------------
     def _on_message(self, msg: tuple) -> None:
+        self._busy.poke()
         if msg[0] == "eof":                     # the engine process died: fail everyone waiting
             for handler in list(self._waiting.values()):
                 handler(("fail", -1, "the engine process exited"))
@@ -122,6 +196,7 @@ class EngineClient(Backend):
 
     async def _ask(self, *msg) -> object:
         self._wire.attach()
+        self._busy.poke()
         fut = asyncio.get_running_loop().create_future()
         rid = next(self._ids)
 
@@ -217,7 +292,7 @@ class VllmEngineProcess(EngineClient):
         if "error" in hello:
             self._proc.join(timeout=30)
             raise RuntimeError(f"the engine process failed to start: {hello['error']}")
-        super().__init__(pipes[0][0], hello)
+        super().__init__(pipes[0][0], hello, busy_poll_s=cfg.busy_poll_ms / 1e3)
         self.hello = hello
         self.frontend_conns = [p for p, _ in pipes[1:]]
 
@@ -240,12 +315,12 @@ def serve_engine(conns, factory, gguf, cfg, n_ctx, cache) -> None:
         return
     conns[0].send({"n_vocab": backend.n_vocab, "n_ctx": backend.n_ctx, "max_inflight": backend.max_inflight})
     try:
-        asyncio.run(_serve(conns, backend))
+        asyncio.run(_serve(conns, backend, cfg.busy_poll_ms / 1e3))
     finally:
         backend.close()
 
 
-async def _serve(conns, backend) -> None:
+async def _serve(conns, backend, busy_poll_s: float) -> None:
     """Answer every front end on its own pipe. Pipe 0 is the parent's: its close (or EOF) stops the
     engine. A session belongs to the front end that last sent it a round: an expiry (TTL, LRU) from
     a front end that has since lost the session to another (its connection moved) is ignored; an
@@ -291,14 +366,19 @@ async def _serve(conns, backend) -> None:
         if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error):
             wire.send(("ended", rid, "the session's engine request ended"))
 
+    def on_engine_thread(i: int, msg: tuple) -> bool:
+        """The engine thread, reading the pipes: a held round goes to the board here; False: not one."""
+        if msg[0] != "verify_held":
+            return False
+        owner[msg[2]] = i
+        held_round(wires[i], *msg[1:])
+        return True
+
     def on_message(i: int, msg: tuple) -> None:
         op, wire = msg[0], wires[i]
         if op == "verify":
             samplings[msg[2]], owner[msg[2]] = msg[5], i
             start((i, msg[1]), answer(wire, msg[1], backend.averify(*msg[2:])))
-        elif op == "verify_held":
-            owner[msg[2]] = i
-            held_round(wire, *msg[1:])
         elif op == "generate":
             start((i, msg[1]), stream(wire, msg[1], backend.agenerate(*msg[2:])))
         elif op == "oracle":
@@ -322,5 +402,13 @@ async def _serve(conns, backend) -> None:
 
     wires = [_Wire(conn, functools.partial(on_message, i)) for i, conn in enumerate(conns)]
     for wire in wires:
-        wire.attach()
+        wire.attach(read=False)             # the engine thread reads them (EnginePort)
+    def to_loop(i: int, msg: tuple) -> None:
+        try:
+            loop.call_soon_threadsafe(on_message, i, msg)
+        except RuntimeError:                # the loop has closed: the engine is stopping
+            pass
+    port = EnginePort(wires, backend.board.wake, on_engine_thread, to_loop, busy_poll_s)
+    backend.wait_input, backend.flush_output = port.wait, port.flush
+    backend.board.wake.set()                # the engine thread starts using them now
     await stop
