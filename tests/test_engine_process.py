@@ -156,8 +156,8 @@ def test_engine_port_posts_held_rounds_on_the_engine_thread_and_forwards_the_res
             t0 = time.monotonic()
             port.wait(0.2)                                  # nothing there: ends at the timeout
             engine_thread["idle"] = time.monotonic() - t0
-            a0.send([("stats", 1), ("verify_held", 2, "s", 5, [1], None), ("drop", "s")])
-            a1.send([("verify_held", 3, "t", 5, [1], None)])
+            a0.send([("stats", 1), ("verify_held", 2, "s", 5, [1], None, 0.0), ("drop", "s")])
+            a1.send([("verify_held", 3, "t", 5, [1], None, 0.0)])
             time.sleep(0.05)
             port.wait(5.0)                                  # both pipes are ready: ends at once
             threading.Timer(0.05, wake.set).start()

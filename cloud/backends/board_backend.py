@@ -37,15 +37,16 @@ class BoardBackend(Backend):
         """Engine thread, after a step's outputs: send the answers it produced (here they left already)."""
 
     def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
-                   on_error: Callable[[str], None]) -> bool:
+                   on_error: Callable[[str], None], posted: Optional[float] = None) -> bool:
         """Post a round after the first n tokens the session's live request holds (the engine thread
         calls on_done(accepted, next_token) or on_error(reason)); False if no live request holds n.
-        The caller vouches that those n tokens are the edge's context (the front end checked them)."""
+        The caller vouches that those n tokens are the edge's context (the front end checked them).
+        posted: when the round arrived (time.monotonic(), any process of this host); default now."""
         rid = self.sessions.get(session_id)
         tokens = self.board.held(rid)
         if tokens is None or len(tokens) < n:
             return False
-        self.board.post(rid, Round(n, list(draft), time.monotonic(), on_done, on_error), rtt_ms)
+        self.board.post(rid, Round(n, list(draft), posted or time.monotonic(), on_done, on_error), rtt_ms)
         return True
 
     async def open_request(self, session_id: str, context: list[int], sampling, rtt_ms, reuse: bool,

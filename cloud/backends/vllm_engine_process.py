@@ -17,7 +17,7 @@ to the pipe, one write per pipe per step, with no hand-off to another thread; ev
 to the process's asyncio loop, in order. Both sides poll instead of sleeping for
 `cloud.vllm.busy_poll_ms` after activity (cloud/busy_poll.py says why).
   front end -> engine  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
-                   ("verify_held", id, session_id, n, draft, rtt_ms): a round after the n tokens the
+                   ("verify_held", id, session_id, n, draft, rtt_ms, sent_at): a round after the n tokens the
                    session's request holds (what its last round left there): the context and the
                    sampling parameters cross once per engine request, not every round; the engine
                    process posts it to the board directly (no task, no future per round)
@@ -217,7 +217,7 @@ class EngineClient(Backend):
     # --- the backend interface --------------------------------------------------------------------------
     async def averify(self, session_id, context, draft, sampling, rtt_ms, reuse) -> tuple[int, int, int]:
         if reuse and self._held.get(session_id) == context:
-            msg = ("verify_held", session_id, len(context), draft, rtt_ms)
+            msg = ("verify_held", session_id, len(context), draft, rtt_ms, time.monotonic())
         else:
             msg = ("verify", session_id, context, draft, sampling, rtt_ms, reuse)
         try:
@@ -356,14 +356,16 @@ async def _serve(conns, backend, busy_poll_s: float) -> None:
         tasks[key] = task
         task.add_done_callback(lambda _: tasks.pop(key, None))
 
-    def held_round(wire: _Wire, rid: int, sid: str, n: int, draft: list[int], rtt_ms) -> None:
-        """The hot path: no task, no future; the engine thread's answer goes straight onto the wire."""
+    def held_round(wire: _Wire, rid: int, sid: str, n: int, draft: list[int], rtt_ms, sent_at: float) -> None:
+        """The hot path: no task, no future; the engine thread's answer goes straight onto the wire.
+        The round counts as posted when the front end sent it (the same monotonic clock here), not when
+        the engine thread read it after a step: the gather predicts each edge's next draft from that."""
         def on_done(a: int, t: int) -> None:
             wire.send(("ok", rid, (a, t, n)))
 
         def on_error(reason: str) -> None:
             wire.send(("ended", rid, reason))
-        if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error):
+        if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error, sent_at):
             wire.send(("ended", rid, "the session's engine request ended"))
 
     def on_engine_thread(i: int, msg: tuple) -> bool:
