@@ -496,8 +496,9 @@ async def job_replay(args, work: Path) -> dict:
     res = {"engine_up_s": up, "runs": []}
     light = {"procs": args.light_procs, "busy_poll_ms": args.client_busy_poll_ms}
     await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32, **light)
+    sizes = [int(x) for x in args.sessions.split(",")]
     for rep in range(args.repeats):
-        for s in (64, 256):
+        for s in sizes:
             ss = [dict(sessions[i % len(sessions)], sid=f"r{rep}-{s}-{i}") for i in range(s)]
             ours = await replay(backend, url, ss, args.max_tokens, **light)
             orc = await oracle(backend, ss, args.max_tokens, TracePlan)
@@ -505,7 +506,7 @@ async def job_replay(args, work: Path) -> dict:
                                 "ratio": round(ours["tokens_per_s"] / orc["tokens_per_s"], 3)})
             log(f"replay {rep} {s}: ours {ours['tokens_per_s']} oracle {orc['tokens_per_s']} "
                 f"ratio {res['runs'][-1]['ratio']} round p50 {ours['round_ms_p50']}")
-    for s in (64, 256):
+    for s in sizes:
         r = sorted(x["ratio"] for x in res["runs"] if x["sessions"] == s)
         res[f"oracle_ceiling_{s}"] = {"median": r[len(r) // 2], "all": r}
     await node.close()
@@ -647,7 +648,9 @@ def run_job(args) -> int:
         f"_{args.attention.lower()}" if args.attention else "") + (f"_{args.execution}" if args.execution != "graphs" else "") + (
         f"_fe{args.frontends}" if args.frontends is not None else "") + (
         f"_busy{args.busy_poll_ms:g}" if args.busy_poll_ms is not None else "") + (
-        f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (f"_{args.tag}" if args.tag else "")
+        f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (
+        f"_s{args.sessions.replace(',', '-')}" if args.job == "replay" and args.sessions != "64,256" else "") + (
+        f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -702,6 +705,7 @@ def main(argv=None) -> int:
     ap.add_argument("--client-busy-poll-ms", type=float, default=0.0,
                     help="light clients poll their sockets this long after each round instead of sleeping")
     ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
+    ap.add_argument("--sessions", default="64,256", help="replay job: session counts")
     ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)

@@ -143,6 +143,7 @@ class DraftBoard:
         self.lock = threading.Lock()
         self.wake = Waker()
         self.order_key: Callable[[Optional[float], float], float] = lambda rtt_ms, since: since
+        self.reason = ""                         # why ready() last said go (engine statistics)
 
     # --- HTTP side ----------------------------------------------------------------------------
     def open(self, slot: Slot) -> None:
@@ -226,12 +227,14 @@ class DraftBoard:
             posted = [s.round.posted for s in edge if s.round is not None]
             due = [s.resolved_at + s.turnaround_s for s in edge if s.round is None and s.turnaround_s is not None]
         if others or (posted and len(posted) == len(edge)):
+            self.reason = "others" if others else "all posted"
             return True, 0.0
         if not posted:
             return False, 0.05
         window = self.step_s if self.gather_s is None else self.gather_s
         deadline = max(min(posted), self.last_output) + window   # the window opens when the engine is free
         if now >= deadline or not any(t <= deadline for t in due):
+            self.reason = "window closed" if now >= deadline else "none due"
             return True, 0.0
         return False, deadline - now
 

@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
@@ -38,13 +39,21 @@ class EngineStats:
     idle_steps: int = 0
     step_s: float = 0.0
     tokens: int = 0
+    scheduled_tokens: int = 0
     schedule_s_at_start: float = 0.0    # the scheduler's running total when these counters began
+    # why each step started (DraftBoard.ready) -> [steps, seconds the engine sat idle before them]
+    started: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
 
     def as_dict(self, schedule_s_total: float) -> dict:
         n, sched = max(self.steps, 1), schedule_s_total - self.schedule_s_at_start
+        gap = sum(g for _, g in self.started.values())
         return {"steps": self.steps, "idle_steps": self.idle_steps, "step_s": round(self.step_s, 3),
                 "schedule_s": round(sched, 3), "tokens": self.tokens,
-                "ms_per_step": round(1e3 * self.step_s / n, 3), "schedule_ms_per_step": round(1e3 * sched / n, 3)}
+                "ms_per_step": round(1e3 * self.step_s / n, 3), "schedule_ms_per_step": round(1e3 * sched / n, 3),
+                "scheduled_tokens_per_step": round(self.scheduled_tokens / n, 1),
+                "idle_ms_per_step": round(1e3 * gap / n, 3),
+                "started": {k: {"steps": c, "idle_ms_per_step": round(1e3 * g / max(c, 1), 3)}
+                            for k, (c, g) in sorted(self.started.items())}}
 
 
 def to_vllm_sampling(sampling, max_tokens: int):
@@ -102,6 +111,8 @@ class VllmEngineBackend(BoardBackend):
         return fut
 
     def _run(self) -> None:
+        ended = None                                         # when the last step that computed ended
+        swept = 0.0                                          # when parked requests were last checked for expiry
         while not self._stop:
             self.wait_input(0.0)
             while True:
@@ -110,8 +121,10 @@ class VllmEngineBackend(BoardBackend):
                 except queue.Empty:
                     break
             now = time.monotonic()
-            for rid in self.board.expired(now):
-                self._abort(rid)
+            if now - swept > 0.25:                           # O(sessions): not on every draft's arrival
+                swept = now
+                for rid in self.board.expired(now):
+                    self._abort(rid)
             go, wait = self.board.ready(now)
             if not go:
                 self.wait_input(wait)
@@ -123,6 +136,12 @@ class VllmEngineBackend(BoardBackend):
             self.stats.steps += 1
             if self.scheduler.last_scheduled_tokens:
                 self.board.stepped(took)
+                self.stats.scheduled_tokens += self.scheduler.last_scheduled_tokens
+                start = self.stats.started[self.board.reason]
+                start[0] += 1
+                if ended is not None and t0 - ended < 1.0:       # the engine's idle gap before this step
+                    start[1] += t0 - ended
+                ended = time.perf_counter()
             else:
                 self.stats.idle_steps += 1
                 self.wait_input(0.001)
