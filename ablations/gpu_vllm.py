@@ -627,6 +627,7 @@ def stage_cache(args) -> None:
     stamp them as verified, so the edge code finds them as it would after `common.assets install`."""
     from common.assets import MODELS, _stamp, _stamp_text
     d = Path(args.draft_gguf).parent
+    d.mkdir(parents=True, exist_ok=True)            # the replay job needs no draft model staged
     target = d / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
     if not target.exists() and Path(args.gguf).exists():
         target.symlink_to(args.gguf)
