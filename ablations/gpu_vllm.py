@@ -232,6 +232,8 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
 
     from cloud.busy_poll import BusyPoll
     busy = BusyPoll(busy_poll_ms / 1e3)
+    if os.environ.get("LIGHT_CPUS"):                 # keep the harness off the cloud's cores
+        os.sched_setaffinity(0, cpu_list(os.environ["LIGHT_CPUS"]))
 
     async def one(s):
         out, seq, base, ctx = [], 0, 0, list(s["prompt"])
@@ -274,6 +276,15 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
         res = await asyncio.gather(*[one(s) for s in sessions])
         out_q.put((t0, time.time(), res))
     asyncio.run(go())
+
+
+def cpu_list(spec: str) -> set[int]:
+    """'0-5,8' -> {0, 1, 2, 3, 4, 5, 8}"""
+    out = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
 
 
 def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0, busy_poll_ms=0.0) -> tuple[list[dict], float]:
@@ -640,6 +651,10 @@ def stage_cache(args) -> None:
 
 def run_job(args) -> int:
     stage_cache(args)
+    if args.cloud_cpus:                              # the cloud's processes inherit it
+        os.sched_setaffinity(0, cpu_list(args.cloud_cpus))
+    if args.client_cpus:
+        os.environ["LIGHT_CPUS"] = args.client_cpus
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     name = args.job + ("_bi" if os.environ.get("VLLM_BATCH_INVARIANT") == "1" else "") + (
@@ -651,6 +666,7 @@ def run_job(args) -> int:
         f"_busy{args.busy_poll_ms:g}" if args.busy_poll_ms is not None else "") + (
         f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (
         f"_s{args.sessions.replace(',', '-')}" if args.job == "replay" and args.sessions != "64,256" else "") + (
+        f"_cpus{args.cloud_cpus}" if args.cloud_cpus else "") + (
         f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
@@ -671,6 +687,7 @@ def run_job(args) -> int:
     res["gather_ms"] = args.gather_ms
     res["busy_poll_ms"] = args.busy_poll_ms
     res["client_busy_poll_ms"] = args.client_busy_poll_ms
+    res["cloud_cpus"], res["client_cpus"] = args.cloud_cpus, args.client_cpus
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
@@ -707,6 +724,8 @@ def main(argv=None) -> int:
                     help="light clients poll their sockets this long after each round instead of sleeping")
     ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
     ap.add_argument("--sessions", default="64,256", help="replay job: session counts")
+    ap.add_argument("--cloud-cpus", default=None, help="pin the cloud (engine + front ends) to these CPUs, e.g. 0-5")
+    ap.add_argument("--client-cpus", default=None, help="pin the light clients to these CPUs, e.g. 6-15")
     ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
