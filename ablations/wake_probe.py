@@ -1,7 +1,7 @@
 """How long a process that sleeps takes to wake on this machine: a pipe ping-pong and a loopback aiohttp
 round trip, with the answering side pausing 0 or 3 ms (an engine step), each side sleeping or polling.
 
-  python -m ablations.wake_probe      (the numbers are quoted in cloud/busy_poll.py)
+  python -m ablations.wake_probe      (results: ablations/results/wake_probe.md)
 """
 import asyncio, multiprocessing as mp, selectors, sys, time
 
