@@ -86,6 +86,7 @@ class VllmEngineBackend(BoardBackend):
         self.n_ctx = n_ctx
         self.max_inflight = cfg.max_num_seqs
         self.stats = EngineStats()
+        self._ended: Optional[float] = None              # when the last step that computed ended (this window)
         self.sessions: dict[str, str] = {}            # session id -> engine request id
         self.streams: dict[str, Callable] = {}        # engine request id -> on_tokens(new, finished)
         self._internal: dict[str, str] = {}           # our request id -> vLLM's internal id
@@ -111,7 +112,6 @@ class VllmEngineBackend(BoardBackend):
         return fut
 
     def _run(self) -> None:
-        ended = None                                         # when the last step that computed ended
         swept = 0.0                                          # when parked requests were last checked for expiry
         while not self._stop:
             self.wait_input(0.0)
@@ -139,9 +139,9 @@ class VllmEngineBackend(BoardBackend):
                 self.stats.scheduled_tokens += self.scheduler.last_scheduled_tokens
                 start = self.stats.started[self.board.reason]
                 start[0] += 1
-                if ended is not None and t0 - ended < 1.0:       # the engine's idle gap before this step
-                    start[1] += t0 - ended
-                ended = time.perf_counter()
+                if self._ended is not None:                      # the engine's idle gap before this step
+                    start[1] += t0 - self._ended
+                self._ended = time.perf_counter()
             else:
                 self.stats.idle_steps += 1
                 self.wait_input(0.001)
@@ -238,6 +238,7 @@ class VllmEngineBackend(BoardBackend):
         total = self.scheduler.schedule_s
         st = self.stats.as_dict(total)
         self.stats = EngineStats(schedule_s_at_start=total)
+        self._ended = None                  # a new window: the pause before its first step is not idle
         return st
 
     async def profile(self, on: bool) -> Optional[str]:
