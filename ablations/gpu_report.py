@@ -55,6 +55,19 @@ STEPS = [  # the 14B at 64 sessions, one change at a time (job files in gpu_jobs
 ]
 
 
+def headline(edges: dict, plain: dict, big: dict, big_plain: dict) -> dict:
+    """tau, acceptance and the capacity ratios from one device's edges/plain/big/big_plain jobs."""
+    return {
+        "tau": {s: edges.get(f"tau_{s}") for s in ("humaneval", "mtbench")},
+        "acceptance_rate": {s: edges.get(f"acceptance_rate_{s}") for s in ("humaneval", "mtbench")},
+        "capacity_ratio": _ratio(_tps(edges, "replay_64"), _tps(plain, "plain_64")),
+        "capacity_ratio_256": _ratio(_tps(edges, "replay_256"), _tps(plain, "plain_256")),
+        "capacity_ratio_14b": _ratio(_tps(big, "ours_64"), _tps(big_plain, "plain_64")),
+        "capacity_ratio_14b_256": _ratio(_tps(big, "ours_256"), _tps(big_plain, "plain_256")),
+        "oracle_ratio_14b": _ratio(_tps(big, "oracle_64"), _tps(big_plain, "plain_64")),
+    }
+
+
 def _load(dirs: list[Path]) -> dict:
     jobs = {}
     for d in dirs:
@@ -84,13 +97,7 @@ def report(dirs: list[Path]) -> int:
             f"{name}_{s}": _ratio(_tps(a, f"{key}_{s}"), _tps(b, f"{key}_{s}"))
             for name, a, b, key in (("plain", pbit, plain, "plain"), ("ours", jobs.get(f"edges_bi_triton_attn_{CUR}", {}), edges, "replay"),
                                     ("oracle", jobs.get(f"edges_bi_triton_attn_{CUR}", {}), edges, "oracle")) for s in (64, 256)},
-        "tau": {s: edges.get(f"tau_{s}") for s in ("humaneval", "mtbench")},
-        "acceptance_rate": {s: edges.get(f"acceptance_rate_{s}") for s in ("humaneval", "mtbench")},
-        "capacity_ratio": _ratio(_tps(edges, "replay_64"), _tps(plain, "plain_64")),
-        "capacity_ratio_256": _ratio(_tps(edges, "replay_256"), _tps(plain, "plain_256")),
-        "capacity_ratio_14b": _ratio(_tps(big, "ours_64"), _tps(big_plain, "plain_64")),
-        "capacity_ratio_14b_256": _ratio(_tps(big, "ours_256"), _tps(big_plain, "plain_256")),
-        "oracle_ratio_14b": _ratio(_tps(big, "oracle_64"), _tps(big_plain, "plain_64")),
+        **headline(edges, plain, big, big_plain),
         "capacity_ratio_14b_runs": {k: _ratio(_tps(jobs.get(k, {}), "ours_64"), _tps(big_plain, "plain_64"))
                                     for k in ("big_1c31b49", "big_1c31b49_repeat", BIG)},
         "frontends_1p5b": {n: {s: {"ours": _tps(jobs.get(k, {}), f"replay_{s}"), "oracle": _tps(jobs.get(k, {}), f"oracle_{s}"),
@@ -147,13 +154,7 @@ def h200(jobs: dict) -> dict:
         "lossless_prompts": e.get("lossless_prompts"), "lossless_identical": e.get("lossless_identical"),
         "lossless_identical_batch_invariant": bi.get("lossless_identical"),
         "lossless_identical_batch_invariant_same_engine": probes.get("identical_to_edges"),
-        "tau": {s: e.get(f"tau_{s}") for s in ("humaneval", "mtbench")},
-        "acceptance_rate": {s: e.get(f"acceptance_rate_{s}") for s in ("humaneval", "mtbench")},
-        "capacity_ratio": _ratio(_tps(e, "replay_64"), _tps(p, "plain_64")),
-        "capacity_ratio_256": _ratio(_tps(e, "replay_256"), _tps(p, "plain_256")),
-        "capacity_ratio_14b": _ratio(_tps(b, "ours_64"), _tps(bp, "plain_64")),
-        "capacity_ratio_14b_256": _ratio(_tps(b, "ours_256"), _tps(bp, "plain_256")),
-        "oracle_ratio_14b": _ratio(_tps(b, "oracle_64"), _tps(bp, "plain_64")),
+        **headline(e, p, b, bp),
         "oracle_ceiling_ratio_14b": _ratio(_tps(b, "ours_64"), _tps(b, "oracle_64")),
         "capacity_ratio_14b_before_fix": _ratio(_tps(jobs.get(f"big_{H200_FIRST}", {}), "ours_64"), _tps(bp, "plain_64")),
         "batch_invariant_ceiling": {s: _ratio(_tps(bi, f"replay_{s}"), _tps(bi, f"oracle_{s}")) for s in (64, 256)},

@@ -347,6 +347,14 @@ async def oracle(backend, ss, n_new, plan_cls) -> dict:
     return oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
 
 
+async def replay_pair(backend, url, sessions: list[dict], s: int, tag: str, args) -> tuple[dict, dict]:
+    """s sessions cycled from the real edges' traces: light clients over HTTP, then the same engine
+    fed oracle drafts of the same shape (TracePlan), back to back."""
+    ss = [dict(sessions[i % len(sessions)], sid=f"{tag}-{i}") for i in range(s)]
+    ours = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
+    return ours, await oracle(backend, ss, args.max_tokens, TracePlan)
+
+
 class TracePlan:
     """Oracle drafts with the real edges' per-round shape: at output position j the recorded round
     drafted L tokens and had a accepted: propose fallback[j:j+a] + one wrong token (length L).
@@ -470,9 +478,7 @@ async def job_edges(args, work: Path) -> dict:
                                                      [e["out"] for e in edges])
     # 2. trace-driven light clients (zero think time) vs the same engine fed oracle drafts of the same tau
     for s in (64, 256):
-        ss = [dict(sessions[i % len(sessions)], sid=f"c{s}-{i}") for i in range(s)]
-        res[f"replay_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
-        res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, TracePlan)
+        res[f"replay_{s}"], res[f"oracle_{s}"] = await replay_pair(backend, url, sessions, s, f"c{s}", args)
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
@@ -505,14 +511,12 @@ async def job_replay(args, work: Path) -> dict:
     sessions = json.loads((traces if traces.exists() else RESULTS / "gpu_traces15.json").read_text())
     backend, verifier, node, url, up = await start_tandem_cloud(model, args)
     res = {"engine_up_s": up, "runs": []}
-    light = {"procs": args.light_procs, "busy_poll_ms": args.client_busy_poll_ms}
-    await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32, **light)
+    await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32, procs=args.light_procs,
+                 busy_poll_ms=args.client_busy_poll_ms)
     sizes = [int(x) for x in args.sessions.split(",")]
     for rep in range(args.repeats):
         for s in sizes:
-            ss = [dict(sessions[i % len(sessions)], sid=f"r{rep}-{s}-{i}") for i in range(s)]
-            ours = await replay(backend, url, ss, args.max_tokens, **light)
-            orc = await oracle(backend, ss, args.max_tokens, TracePlan)
+            ours, orc = await replay_pair(backend, url, sessions, s, f"r{rep}-{s}", args)
             res["runs"].append({"sessions": s, "ours": ours, "oracle": orc,
                                 "ratio": round(ours["tokens_per_s"] / orc["tokens_per_s"], 3)})
             log(f"replay {rep} {s}: ours {ours['tokens_per_s']} oracle {orc['tokens_per_s']} "

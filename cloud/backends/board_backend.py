@@ -36,6 +36,15 @@ class BoardBackend(Backend):
     def flush_output(self) -> None:
         """Engine thread, after a step's outputs: send the answers it produced (here they left already)."""
 
+    def stop_engine_thread(self, thread, timeout_s: float) -> None:
+        """Ask the engine thread to stop (it checks self._stop), wait for it, then free the board's
+        waker (not while the thread may still use it)."""
+        self._stop = True
+        self.board.wake.set()
+        thread.join(timeout=timeout_s)
+        if not thread.is_alive():
+            self.board.wake.close()
+
     def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
                    on_error: Callable[[str], None], posted: Optional[float] = None) -> bool:
         """Post a round after the first n tokens the session's live request holds (the engine thread

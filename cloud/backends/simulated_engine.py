@@ -89,8 +89,4 @@ class SimulatedEngine(BoardBackend):
         return st
 
     def close(self) -> None:
-        self._stop = True
-        self.board.wake.set()
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.board.wake.close()
+        self.stop_engine_thread(self._thread, 5)

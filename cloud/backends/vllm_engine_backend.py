@@ -266,11 +266,7 @@ class VllmEngineBackend(BoardBackend):
         return buf.getvalue()
 
     def close(self) -> None:
-        self._stop = True
-        self.board.wake.set()
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self.board.wake.close()
+        self.stop_engine_thread(self._thread, 10)
 
 
 def _dequantized(gguf: Path, cache: str | None) -> Path:

@@ -129,9 +129,9 @@ class EnginePort:
         self.active = 0.0                       # when a message came in or answers went out last
 
     def wait(self, timeout: float) -> None:
-        me = threading.get_ident()
-        for w in self.wires:
-            w.owner = me
+        if self.wires[0].owner is None:         # the first wait tells whose sends wait for flush()
+            for w in self.wires:
+                w.owner = threading.get_ident()
         now = time.monotonic()
         end, got = now + timeout, False
         while True:
