@@ -22,6 +22,8 @@ class CloudStats:
         self.computed_tokens = 0    # tokens the target evaluated
         self.replayed = 0           # retried rounds answered from the stored result
         self.resyncs = 0            # 409s asking the edge to resend its context
+        self.ahead_posted = 0       # draft-ahead rounds handed to the engine while the round before was in flight
+        self.stale_rounds = 0       # draft-ahead rounds answered 412: the round before ended otherwise
         self.latency_ms: deque[float] = deque(maxlen=window)
         self.queue_ms: deque[float] = deque(maxlen=window)
         self.registry = CollectorRegistry()
@@ -72,6 +74,7 @@ class CloudStats:
             "cache": {"cached_tokens": self.cached_tokens, "computed_tokens": self.computed_tokens,
                       "hit_rate": round(self.cached_tokens / seen, 4) if seen else None,
                       "replayed_rounds": self.replayed, "resyncs": self.resyncs},
+            "draft_ahead": {"posted_early": self.ahead_posted, "stale": self.stale_rounds},
             **(extra or {}),
         }
 

@@ -10,11 +10,20 @@ from typing import AsyncIterator, Optional
 import numpy as np
 
 from cloud.acceptance import accept_draft, next_token
-from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.stats import CloudStats
 from common.config import CloudConfig, Switches
 from common.protocol import GenerateRequest, Timing, VerifyRequest, VerifyResponse
 from common.scheduling import AdmissionQueue, priority
+
+
+async def _settled(fut) -> None:
+    """Wait for an awaitable whose outcome no longer matters (None: nothing to wait for)."""
+    if fut is not None:
+        try:
+            await fut
+        except Exception:  # noqa: BLE001 - stale or ended: either way nothing was verified for the edge
+            pass
 
 
 class ApiError(Exception):
@@ -31,6 +40,7 @@ class Session:
     rng: Optional[np.random.Generator] = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     touched: float = field(default_factory=time.monotonic)
+    inflight: Optional[tuple[int, list[int], list[int]]] = None   # (seq, context, draft) of the round being verified
 
 
 class Verifier:
@@ -100,12 +110,20 @@ class Verifier:
         if s is None:
             self.stats.resyncs += 1
             raise ApiError(409, "unknown session: resend the whole context with base_len=0", "base_len", committed_len=0)
+        ahead = self._post_ahead(s, req) if req.guess is not None else None
         async with s.lock:
-            if req.seq == s.last_seq and s.last_response is not None:
+            if req.seq == s.last_seq and s.last_response is not None and ahead is None:
                 self.stats.replayed += 1            # a retry: same answer, nothing recomputed
                 return s.last_response
             if req.base_len == 0:
                 s.tokens, s.last_seq = [], req.seq - 1
+            if req.guess is not None and (req.seq != s.last_seq + 1 or req.base_len != len(s.tokens)
+                                          or s.tokens[-1:] != [req.guess]):
+                await _settled(ahead)               # stale on the engine too: it saw the same outcome
+                self.stats.stale_rounds += 1
+                raise ApiError(412, "draft-ahead round: the round before it did not accept its whole draft with "
+                               "`guess` as its next token; nothing was verified", "guess",
+                               committed_len=len(s.tokens), last_seq=s.last_seq)
             if req.seq != s.last_seq + 1 or req.base_len != len(s.tokens):
                 self.stats.resyncs += 1
                 raise ApiError(409, f"out of sync: cloud holds {len(s.tokens)} tokens after round {s.last_seq}",
@@ -114,20 +132,11 @@ class Verifier:
             self._check_context(len(context) + len(req.draft))
             if s.rng is None or req.base_len == 0:
                 s.rng = np.random.default_rng(req.sampling.seed)
-            if self.backend.verifies:      # in-engine verification: the engine accepts and samples
-                t1 = time.perf_counter()
-                try:
-                    n, tok, cached = await self.backend.averify(req.session_id, context, req.draft, req.sampling,
-                                                                req.rtt_ms, req.reuse_cache)
-                except SessionEnded as e:
-                    self.drop(req.session_id)
-                    raise ApiError(409, f"{e}: resend the whole context with base_len=0", "base_len",
-                                   committed_len=0) from e
-                queue_ms, compute_ms = 0.0, (time.perf_counter() - t1) * 1e3
-            else:
-                logits, cached, queue_ms, compute_ms = await self._logits(
-                    req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
-                n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
+            s.inflight = (req.seq, context, req.draft)
+            try:
+                n, tok, cached, queue_ms, compute_ms = await self._verify_round(s, req, context, ahead)
+            finally:
+                s.inflight = None
             s.tokens = context + req.draft[:n] + [tok]
             s.last_seq = req.seq
             server_ms = (time.perf_counter() - t0) * 1e3
@@ -136,6 +145,43 @@ class Verifier:
                 timing=Timing(queue_ms=round(queue_ms, 3), compute_ms=round(compute_ms, 3), server_ms=round(server_ms, 3)))
             self.stats.round(len(req.draft), n, cached, len(context) + len(req.draft) - cached, server_ms, queue_ms)
             return s.last_response
+
+    def _post_ahead(self, s: Session, req: VerifyRequest):
+        """Draft-ahead: a round sent while the one before it is in flight goes to a verifying engine now,
+        conditional on that round's outcome (the engine checks it the moment it is known), so the
+        engine never waits for the wire between the two. None: it waits its turn (then checked here)."""
+        prev = s.inflight
+        if (prev is None or prev[0] != req.seq - 1 or req.append or not req.reuse_cache
+                or req.base_len != len(prev[1]) + len(prev[2]) + 1):
+            return None
+        ahead = self.backend.post_ahead(req.session_id, prev[1] + prev[2] + [req.guess], len(prev[1]), req.draft,
+                                        req.rtt_ms)
+        if ahead is not None:
+            self.stats.ahead_posted += 1
+        return ahead
+
+    async def _verify_round(self, s: Session, req: VerifyRequest, context: list[int], ahead):
+        """(accepted, next token, cached tokens, queue ms, compute ms) of one round, from the engine
+        (in-engine verification) or from the target's logits and our acceptance rule."""
+        if self.backend.verifies:      # in-engine verification: the engine accepts and samples
+            t1 = time.perf_counter()
+            try:
+                if ahead is not None:
+                    n, tok, cached = await ahead
+                else:
+                    n, tok, cached = await self.backend.averify(req.session_id, context, req.draft, req.sampling,
+                                                                req.rtt_ms, req.reuse_cache)
+            except SessionEnded as e:
+                self.drop(req.session_id)
+                raise ApiError(409, f"{e}: resend the whole context with base_len=0", "base_len",
+                               committed_len=0) from e
+            except DraftStale as e:    # cannot happen after the check in verify(); say so if it does
+                raise ApiError(412, f"draft-ahead round: {e}", "guess", committed_len=len(s.tokens)) from e
+            return n, tok, cached, 0.0, (time.perf_counter() - t1) * 1e3
+        logits, cached, queue_ms, compute_ms = await self._logits(
+            req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
+        n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
+        return n, tok, cached, queue_ms, compute_ms
 
     # --- target-only generation ------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[tuple[int, Timing]]:

@@ -7,6 +7,11 @@ or the whole context when re-syncing after a 409) and the draft. The cloud answe
 tokens it accepted and the target's next token (the correction, or the bonus when all were accepted).
 A repeated (session_id, seq) returns the stored result: rounds are idempotent, so retries are safe.
 
+Draft-ahead: while round seq-1 is on the wire the edge may already send round seq, drafted after
+that round's whole draft and `guess`, its guess of the cloud's next token (base_len counts them, append
+is empty). It is verified only if round seq-1 accepts its whole draft and its next token is `guess`;
+otherwise the answer is 412 (nothing verified, nothing changed) and the edge sends round seq afresh.
+
 Endpoints (cloud): POST /v1/verify, POST /v1/generate (target-only, NDJSON stream),
 DELETE /v1/sessions/{id}, GET /health, GET /stats, GET /metrics.
 """
@@ -64,11 +69,15 @@ class VerifyRequest(_Message):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)
     rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate
+    guess: Optional[TokenId] = None            # draft-ahead: round seq-1's next token, as the edge guessed it
 
     @model_validator(mode="after")
     def _check(self):
         if self.base_len == 0 and not self.append:
             raise ValueError("a session's first round needs the prompt in 'append'")
+        if self.guess is not None and (self.base_len == 0 or self.append or self.seq == 0):
+            raise ValueError("a draft-ahead round ('guess') follows a round in the same session: "
+                             "it needs base_len > 0, seq > 0 and no 'append'")
         if self.sampling.greedy:
             if self.draft_dists is not None:
                 raise ValueError("draft_dists must be omitted for greedy verification")

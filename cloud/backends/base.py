@@ -36,6 +36,11 @@ class Backend(ABC):
         async with self._lock:
             return await asyncio.to_thread(self.logits, session_id, tokens, n_logits, reuse)
 
+    def post_ahead(self, session_id: str, context: list[int], after: int, draft: list[int], rtt_ms):
+        """Draft-ahead (a verifying backend): take a round now whose context runs past the round in
+        flight, which started at `after`. None: not here (the verifier runs it in turn, after that one)."""
+        return None
+
     def drop(self, session_id: str) -> None:
         """Forget a session's cached state (no-op where state is shared)."""
 
@@ -50,6 +55,10 @@ class Backend(ABC):
 
 class SessionEnded(RuntimeError):
     """A verifying backend lost the session's state (its engine request ended) mid-round."""
+
+
+class DraftStale(RuntimeError):
+    """A draft-ahead round whose previous round did not end as the edge guessed: nothing verified."""
 
 
 def make_backend(cfg) -> Backend:

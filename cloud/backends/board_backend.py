@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Callable, Optional
 
-from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.backends.draft_board import DraftBoard, Round
 
 
@@ -46,17 +46,38 @@ class BoardBackend(Backend):
             self.board.wake.close()
 
     def post_round(self, session_id: str, n: int, draft: list[int], rtt_ms, on_done: Callable[[int, int], None],
-                   on_error: Callable[[str], None], posted: Optional[float] = None) -> bool:
+                   on_error: Callable[[str], None], posted: Optional[float] = None,
+                   expect: Optional[list[int]] = None, on_stale: Optional[Callable[[], None]] = None) -> bool:
         """Post a round after the first n tokens the session's live request holds (the engine thread
         calls on_done(accepted, next_token) or on_error(reason)); False if no live request holds n.
         The caller vouches that those n tokens are the edge's context (the front end checked them).
-        posted: when the round arrived (time.monotonic(), any process of this host); default now."""
+        posted: when the round arrived (time.monotonic(), any process of this host); default now.
+        expect: a draft-ahead round (DraftBoard): the request holds only n - len(expect) tokens of its
+        context yet; it goes on if the round in flight leaves `expect` after them, else on_stale()."""
         rid = self.sessions.get(session_id)
         tokens = self.board.held(rid)
-        if tokens is None or len(tokens) < n:
+        if tokens is None or len(tokens) < n - len(expect or ()):
             return False
-        self.board.post(rid, Round(n, list(draft), posted or time.monotonic(), on_done, on_error), rtt_ms)
+        self.board.post(rid, Round(n, list(draft), posted or time.monotonic(), on_done, on_error, expect, on_stale),
+                        rtt_ms)
         return True
+
+    def post_ahead(self, session_id: str, context: list[int], after: int, draft: list[int], rtt_ms):
+        """A draft-ahead round (its context runs past the round in flight, which started at `after`):
+        an awaitable of (accepted, next_token, held) that raises DraftStale if that round ends
+        otherwise, or None when the live request does not hold context[:after] (verify it in turn)."""
+        tokens = self.board.held(self.sessions.get(session_id))
+        if tokens is None or tokens[:after] != context[:after]:
+            return None
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        ok = self.post_round(session_id, len(context), draft, rtt_ms,
+                             lambda a, t: loop.call_soon_threadsafe(settle_future, fut, (a, t, len(context)), None),
+                             lambda msg: loop.call_soon_threadsafe(settle_future, fut, None, SessionEnded(msg)),
+                             expect=context[after:],
+                             on_stale=lambda: loop.call_soon_threadsafe(settle_future, fut, None, DraftStale(
+                                 "the round before did not end as guessed")))
+        return fut if ok else None
 
     async def open_request(self, session_id: str, context: list[int], sampling, rtt_ms, reuse: bool,
                            rnd: Round) -> str:

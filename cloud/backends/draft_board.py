@@ -22,6 +22,12 @@ sampled token T[n-1] is not yet computed (a request in decode):
   target's own token (greedy) or with exactly the target's probability (sampling), so the output is
   unchanged. Pads accepted beyond the draft leave the request holding tokens past the round's
   result; the next round's draft is aligned against them by content, as in round 0.
+* Draft-ahead: while round r is in flight the edge may send round r+1, drafted after r's draft and
+  its guess of r's next token (`expect` = that draft + the guess). It waits on the slot (`next`, one
+  at most); when r resolves it becomes the round at once, on the engine thread, if the request's
+  tokens then hold `expect` before its start (r accepted its whole draft and its next token is the
+  guess), so the session is stepped again with no wire in between; else it is stale (`on_stale`)
+  and the edge sends a fresh round. A round with `expect` posted after r resolved is checked at once.
 * Oracle sessions (benchmarks) get their draft from a plan function at schedule time instead of
   over the wire; plain sessions (target-only reference) are never touched.
 
@@ -39,6 +45,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 PARK = "park"          # spec_for(): do not schedule this request this step
@@ -92,6 +99,8 @@ class Round:
     posted: float
     on_done: Callable[[int, int], None]          # (accepted, next_token)
     on_error: Callable[[str], None]
+    expect: Optional[list[int]] = None           # draft-ahead: tokens the request must hold just before start
+    on_stale: Optional[Callable[[], None]] = None   # ... called when it does not
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Slot:
     tokens: list[int]                            # prompt + output seen so far
     rtt_ms: Optional[float] = None
     round: Optional[Round] = None
+    next: Optional[Round] = None                 # draft-ahead: the round sent while `round` was in flight
     plan: Optional[Callable[[int, list[int]], list[int]]] = None   # oracle: (n, tokens) -> draft
     parked_since: float = field(default_factory=time.monotonic)
     resolved_at: Optional[float] = None          # when its last round was decided
@@ -154,17 +164,44 @@ class DraftBoard:
     def post(self, req_id: str, rnd: Round, rtt_ms: Optional[float]) -> None:
         with self.lock:
             slot = self.slots[req_id]
-            if slot.resolved_at is not None:
-                cycle = rnd.posted - slot.resolved_at
-                slot.turnaround_s = cycle if slot.turnaround_s is None else 0.7 * slot.turnaround_s + 0.3 * cycle
-            slot.round, slot.rtt_ms = rnd, rtt_ms
-            done = resolve(slot.tokens, rnd.start, rnd.draft, slot.finished)
-            if done is not None:
-                slot.round = None
-                slot.parked_since = slot.resolved_at = time.monotonic()
-        if done is not None:
-            rnd.on_done(*done)
+            slot.rtt_ms = rtt_ms
+            if rnd.expect is not None and slot.round is not None:     # draft-ahead: waits for the round in flight
+                calls = [rnd.on_stale] if slot.next is not None else []    # one round ahead at most
+                if not calls:
+                    slot.next = rnd
+            else:
+                if slot.resolved_at is not None and rnd.expect is None:
+                    cycle = rnd.posted - slot.resolved_at
+                    slot.turnaround_s = cycle if slot.turnaround_s is None else 0.7 * slot.turnaround_s + 0.3 * cycle
+                calls = self._begin(slot, rnd)
+        for call in calls:
+            call()
         self.wake.set()
+
+    def _begin(self, slot: Slot, rnd: Optional[Round]) -> list[Callable[[], None]]:
+        """Lock held: make rnd the slot's round and decide what the tokens already decide; a round
+        that resolves promotes the one sent ahead of it. Returns the callbacks to run unlocked."""
+        calls = []
+        while rnd is not None:
+            if rnd.expect is not None and slot.tokens[rnd.start - len(rnd.expect):rnd.start] != rnd.expect:
+                calls.append(rnd.on_stale)               # the round before it did not end as the edge guessed
+                rnd, slot.next = slot.next, None
+                continue
+            slot.round = rnd
+            done = resolve(slot.tokens, rnd.start, rnd.draft, slot.finished)
+            if done is None:
+                if slot.finished:
+                    slot.round = None
+                    calls.append(partial(rnd.on_error, "the session's engine request ended"))
+                break
+            calls.append(partial(rnd.on_done, *done))
+            slot.round = None
+            slot.parked_since = slot.resolved_at = time.monotonic()
+            rnd, slot.next = slot.next, None
+        if slot.finished and slot.next is not None:
+            calls.append(partial(slot.next.on_error, "the session's engine request ended"))
+            slot.next = None
+        return calls
 
     def holds(self, req_id: Optional[str], context: list[int]) -> bool:
         """Whether the request is live and holds `context` (and perhaps accepted pads past it), so a
@@ -180,8 +217,13 @@ class DraftBoard:
             return None if slot is None or slot.finished else slot.tokens
 
     def close(self, req_id: str) -> Optional[Slot]:
+        """Forget a request; a round still waiting on it fails (its edge re-syncs)."""
         with self.lock:
-            return self.slots.pop(req_id, None)
+            slot = self.slots.pop(req_id, None)
+        for rnd in (slot.round, slot.next) if slot is not None else ():
+            if rnd is not None:
+                rnd.on_error("the session's engine request ended")
+        return slot
 
     # --- scheduler side (engine thread) ---------------------------------------------------------
     def spec_for(self, req_id: str, tokens: list[int], k: int):
@@ -251,17 +293,9 @@ class DraftBoard:
                 return
             slot.tokens.extend(new_tokens)
             slot.finished = finished
-            rnd = slot.round
-            done = None if rnd is None else resolve(slot.tokens, rnd.start, rnd.draft, finished)
-            if done is not None:
-                slot.round = None
-                slot.parked_since = slot.resolved_at = time.monotonic()
-            elif rnd is not None and finished:
-                slot.round = None
-        if done is not None:
-            rnd.on_done(*done)
-        elif rnd is not None and finished:
-            rnd.on_error("the session's engine request ended")
+            calls = self._begin(slot, slot.round) if slot.round is not None or finished else []
+        for call in calls:
+            call()
 
     def expired(self, now: float) -> list[str]:
         """Edge requests parked past the timeout (their edge went away): the caller aborts them."""

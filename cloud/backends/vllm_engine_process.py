@@ -17,15 +17,17 @@ to the pipe, one write per pipe per step, with no hand-off to another thread; ev
 to the process's asyncio loop, in order. Both sides poll instead of sleeping for
 `cloud.vllm.busy_poll_ms` after activity (cloud/busy_poll.py says why).
   front end -> engine  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
-                   ("verify_held", id, session_id, n, draft, rtt_ms, sent_at): a round after the n tokens the
-                   session's request holds (what its last round left there): the context and the
-                   sampling parameters cross once per engine request, not every round; the engine
-                   process posts it to the board directly (no task, no future per round)
+                   ("verify_held", id, session_id, n, draft, rtt_ms, sent_at, expect): a round after the n
+                   tokens the session's request holds (what its last round left there): the context and
+                   the sampling parameters cross once per engine request, not every round; the engine
+                   process posts it to the board directly (no task, no future per round). expect: a
+                   draft-ahead round (the last len(expect) of those n tokens are the edge's guess of
+                   the round in flight), else None
                    ("generate", id, session_id, prompt, max_tokens, sampling)  ("cancel", id)
                    ("oracle", id, prompt, max_tokens, sampling, plan)   plan: a picklable callable
                    ("stats", id)  ("profile", id, on)  ("order", key)  ("drop", session_id)
                    ("expire", session_id)  ("close",)
-  engine -> front end  ("ok", id, result)  ("ended", id, reason)  ("fail", id, reason)
+  engine -> front end  ("ok", id, result)  ("ended", id, reason)  ("stale", id, reason)  ("fail", id, reason)
                    ("tokens", id, new_tokens, finished)
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
-from cloud.backends.base import Backend, SessionEnded
+from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.busy_poll import BusyPoll
 from common.config import VllmConfig
 
@@ -208,6 +210,8 @@ class EngineClient(Backend):
                 fut.set_result(reply[2])
             elif reply[0] == "ended":
                 fut.set_exception(SessionEnded(reply[2]))
+            elif reply[0] == "stale":
+                fut.set_exception(DraftStale(reply[2]))
             else:
                 fut.set_exception(RuntimeError(reply[2]))
         self._waiting[rid] = settle
@@ -217,11 +221,22 @@ class EngineClient(Backend):
     # --- the backend interface --------------------------------------------------------------------------
     async def averify(self, session_id, context, draft, sampling, rtt_ms, reuse) -> tuple[int, int, int]:
         if reuse and self._held.get(session_id) == context:
-            msg = ("verify_held", session_id, len(context), draft, rtt_ms, time.monotonic())
+            msg = ("verify_held", session_id, len(context), draft, rtt_ms, time.monotonic(), None)
         else:
             msg = ("verify", session_id, context, draft, sampling, rtt_ms, reuse)
+        return await self._round(session_id, context, draft, msg, reuse)
+
+    def post_ahead(self, session_id, context, after, draft, rtt_ms):
+        if self._held.get(session_id) != context[:after]:
+            return None                         # the round in flight is not a held one (a fresh request)
+        msg = ("verify_held", session_id, len(context), draft, rtt_ms, time.monotonic(), context[after:])
+        return asyncio.ensure_future(self._round(session_id, context, draft, msg, True))
+
+    async def _round(self, session_id, context, draft, msg, reuse) -> tuple[int, int, int]:
         try:
             accepted, nxt, held = await self._ask(*msg)
+        except DraftStale:
+            raise                               # nothing happened to the request: what it holds stands
         except Exception:
             self._held.pop(session_id, None)
             raise
@@ -356,7 +371,8 @@ async def _serve(conns, backend, busy_poll_s: float) -> None:
         tasks[key] = task
         task.add_done_callback(lambda _: tasks.pop(key, None))
 
-    def held_round(wire: _Wire, rid: int, sid: str, n: int, draft: list[int], rtt_ms, sent_at: float) -> None:
+    def held_round(wire: _Wire, rid: int, sid: str, n: int, draft: list[int], rtt_ms, sent_at: float,
+                   expect) -> None:
         """The hot path: no task, no future; the engine thread's answer goes straight onto the wire.
         The round counts as posted when the front end sent it (the same monotonic clock here), not when
         the engine thread read it after a step: the gather predicts each edge's next draft from that."""
@@ -365,7 +381,11 @@ async def _serve(conns, backend, busy_poll_s: float) -> None:
 
         def on_error(reason: str) -> None:
             wire.send(("ended", rid, reason))
-        if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error, sent_at):
+
+        def on_stale() -> None:
+            wire.send(("stale", rid, "the round before did not end as guessed"))
+        if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error, sent_at,
+                                                          expect, on_stale):
             wire.send(("ended", rid, "the session's engine request ended"))
 
     def on_engine_thread(i: int, msg: tuple) -> bool:
