@@ -37,7 +37,7 @@ def _cpu_s(pid: int) -> float:
 
 
 async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n_new: int = 120,
-                  prompt_len: int = 400, busy_poll_ms: float = 0.0) -> dict:
+                  prompt_len: int = 400, busy_poll_ms: float = 0.0, ws: bool = False) -> dict:
     from ablations.gpu_vllm import run_light, summary
     from cloud.backends.vllm_engine_process import VllmEngineProcess
     from cloud.node import CloudNode
@@ -61,7 +61,8 @@ async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n
         await backend.engine_stats()
         front0 = time.process_time() + sum(_cpu_s(p) for p in pids)
         child0 = _cpu_s(backend._proc.pid)
-        res, wall = await asyncio.to_thread(run_light, url := node.url, ss, n_new, clients, busy_poll_ms=busy_poll_ms)
+        res, wall = await asyncio.to_thread(run_light, url := node.url, ss, n_new, clients, busy_poll_ms=busy_poll_ms,
+                                            ws=ws)
         front_s = time.process_time() + sum(_cpu_s(p) for p in pids) - front0
         child_s = _cpu_s(backend._proc.pid) - child0
         st, eng = summary(res, wall), await backend.engine_stats()
@@ -69,6 +70,7 @@ async def measure(sessions: int, step_ms: float, clients: int, frontends: int, n
         await node.close()
     rounds = st["rounds"]
     return {"sessions": sessions, "step_ms": step_ms, "client_processes": clients, "frontends": frontends,
+            "transport": "websocket" if ws else "http",
             "busy_poll_ms": busy_poll_ms,
             "url": url, "rounds": rounds, "wall_s": st["wall_s"], "engine_steps": eng["steps"],
             "engine_busy": round(eng["stepping_s"] / max(wall, 1e-9), 3),
@@ -83,21 +85,23 @@ def main(argv=None) -> int:
     ap.add_argument("--step-ms", type=float, default=6.6, help="simulated engine step (the 1.5B's on the H100)")
     ap.add_argument("--clients", type=int, default=1, help="light-client processes")
     ap.add_argument("--frontends", default="1,4", help="HTTP front-end processes (cloud.vllm.frontends), a list")
+    ap.add_argument("--transports", default="http,ws", help="how rounds travel: POST /v1/verify (http), /v1/ws (ws)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    runs = [asyncio.run(measure(args.sessions, args.step_ms, args.clients, int(f)))
-            for f in args.frontends.split(",") for _ in range(args.repeats)]
+    runs = [asyncio.run(measure(args.sessions, args.step_ms, args.clients, int(f), ws=t == "ws"))
+            for t in args.transports.split(",") for f in args.frontends.split(",") for _ in range(args.repeats)]
     res = {"command": f"python -m ablations.frontend_cost --sessions {args.sessions} --step-ms {args.step_ms} "
-                      f"--clients {args.clients} --frontends {args.frontends} --repeats {args.repeats}",
+                      f"--clients {args.clients} --frontends {args.frontends} --transports {args.transports} "
+                      f"--repeats {args.repeats}",
            "cpus": os.cpu_count(), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "frontend_cost.json").write_text(json.dumps(res, indent=1))
     lines = ["# Front-end cost per verify round (CPU, simulated engine)", "", f"`{res['command']}` on {res['cpus']} CPUs.",
-             "", "| front ends | rounds | engine steps | engine busy | HTTP processes µs/round (all) | engine process µs/round | round ms p50 client/handler/engine |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| transport | front ends | rounds | engine steps | engine busy | HTTP processes µs/round (all) | engine process µs/round | round ms p50 client/handler/engine |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lat = r["round_ms_p50"]
-        lines.append(f"| {r['frontends']} | {r['rounds']} | {r['engine_steps']} | {r['engine_busy']} | {r['http_processes_us_per_round']} | "
+        lines.append(f"| {r['transport']} | {r['frontends']} | {r['rounds']} | {r['engine_steps']} | {r['engine_busy']} | {r['http_processes_us_per_round']} | "
                      f"{r['engine_process_us_per_round']} | {lat['client']} / {lat['handler']} / {lat['engine']} |")
     (RESULTS / "frontend_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

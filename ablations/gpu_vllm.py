@@ -223,11 +223,16 @@ def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
 
 
 def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: float, out_q, start,
-                 busy_poll_ms: float = 0.0) -> None:
-    """Trace-driven clients: each session replays recorded drafts by output position over HTTP, on its
-    own keep-alive connection (as an edge device would: it stays with one front end) and re-syncing
-    after a 409 as the edge does. busy_poll_ms > 0: the process polls its sockets instead of sleeping
-    while rounds are in flight (cloud/busy_poll.py), as the cloud's front ends do."""
+                 busy_poll_ms: float = 0.0, ws: bool = False, ahead: bool = False) -> None:
+    """Trace-driven clients: each session replays recorded drafts by output position, on its own
+    connection (as an edge device would: it stays with one front end) and re-syncing after a 409 as
+    the edge does. ws: rounds over the WebSocket channel (/v1/ws), else one POST /v1/verify each.
+    ahead: draft-ahead as the edge does it (edge/generator.py): round r+1 goes out with round r, drafted
+    after r's draft and the drafter's guess of r's next token (the traces' "guess", from
+    ablations/trace_guesses.py); it is the recorded next round, which is exactly the draft-ahead
+    round whenever the guess holds (else the cloud answers 412 and the client sends it afresh).
+    busy_poll_ms > 0: the process polls its sockets instead of sleeping while rounds are in flight
+    (cloud/busy_poll.py), as the cloud's front ends do."""
     import aiohttp
 
     from cloud.busy_poll import BusyPoll
@@ -237,38 +242,70 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
 
     async def one(s):
         out, seq, base, ctx = [], 0, 0, list(s["prompt"])
-        rounds = acc = resyncs = 0
+        rounds = acc = resyncs = stale = 0
         lat = []                         # per round: client-seen ms, cloud handler ms, in-engine ms
         trace = {int(k): v for k, v in s["trace"].items()}
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+        guess = {int(k): v for k, v in s.get("guess", {}).items()} if ahead else {}
+
+        def draft_at(pos):
+            rec = trace.get(pos)
+            return (rec[0] if rec else (s["fallback"][pos:pos + K] or [0])), (rec[1] if rec else 0.0)
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2),
                                          timeout=aiohttp.ClientTimeout(total=600)) as http:
-            while len(out) < n_new:
-                rec = trace.get(len(out))
-                draft = rec[0] if rec else (s["fallback"][len(out):len(out) + K] or [0])
+            send = await (ws_rounds(http, url) if ws else http_rounds(http, url))
+
+            async def round_trip(body, wait_ms):
                 if timed:
-                    await asyncio.sleep((rec[1] if rec else 0.0) / 1e3 + rtt_ms / 1e3)
-                body = {"session_id": s["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
+                    await asyncio.sleep((wait_ms + rtt_ms) / 1e3)
                 t0 = time.perf_counter()
                 busy.poke()
-                async with http.post(url + "/v1/verify", json=body) as r:
-                    data = await r.json()
-                if r.status == 409 and base and resyncs < 100:
+                st, data = await send(body)
+                return st, data, (time.perf_counter() - t0) * 1e3
+
+            pending = None               # (task, draft) a round sent ahead whose guess held
+            while len(out) < n_new:
+                if pending is None:
+                    draft, ms = draft_at(len(out))
+                    task = asyncio.ensure_future(round_trip({"session_id": s["sid"], "seq": seq, "base_len": base,
+                                                             "append": ctx[base:], "draft": draft}, ms))
+                else:
+                    task, draft = pending
+                pending, nxt = None, None
+                g = guess.get(len(out))
+                if g is not None and len(out) + len(draft) + 1 < n_new:
+                    nxt_draft, ms = draft_at(len(out) + len(draft) + 1)
+                    nxt = (asyncio.ensure_future(round_trip({"session_id": s["sid"], "seq": seq + 1,
+                                                             "base_len": len(ctx) + len(draft) + 1, "append": [],
+                                                             "draft": nxt_draft, "guess": g}, ms)), nxt_draft)
+                st, data, wall = await task
+                if st != 200 and nxt is not None:
+                    await nxt[0]                              # stale or out of sync too: nothing verified
+                if st == 409 and base and resyncs < 100:
                     base, resyncs = 0, resyncs + 1
                     continue
-                if r.status != 200:
-                    return {"sid": s["sid"], "error": f"{r.status} {data}", "out": out, "rounds": rounds, "acc": acc,
-                            "resyncs": resyncs}
-                lat.append(((time.perf_counter() - t0) * 1e3, data["timing"]["server_ms"], data["timing"]["compute_ms"]))
+                if st != 200:
+                    return {"sid": s["sid"], "error": f"{st} {data}", "out": out, "rounds": rounds, "acc": acc,
+                            "resyncs": resyncs, "stale": stale}
+                lat.append((wall, data["timing"]["server_ms"], data["timing"]["compute_ms"]))
                 new = draft[:data["accepted"]] + [data["next_token"]]
                 out += new
                 ctx += new
                 base, seq, rounds, acc = data["committed_len"], seq + 1, rounds + 1, acc + data["accepted"]
+                if nxt is not None:
+                    if new == draft + [g]:
+                        pending = nxt                         # the cloud took it at once: it is round seq now
+                    else:
+                        await nxt[0]                          # 412: the client sends round seq afresh
+                        stale += 1
                 if any(t in STOP for t in new):
+                    if pending is not None:
+                        await pending[0]
                     break
             async with http.delete(f"{url}/v1/sessions/{s['sid']}") as r:
                 await r.read()
         return {"sid": s["sid"], "out": cut(out, n_new), "rounds": rounds, "acc": acc, "error": None, "lat": lat,
-                "resyncs": resyncs}
+                "resyncs": resyncs, "stale": stale}
 
     async def go():
         start.wait()                     # every client process is up: spawning is not the cloud's time
@@ -276,6 +313,39 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
         res = await asyncio.gather(*[one(s) for s in sessions])
         out_q.put((t0, time.time(), res))
     asyncio.run(go())
+
+
+async def http_rounds(http, url):
+    """send(body) -> (status, answer): one POST /v1/verify per round."""
+    async def send(body):
+        async with http.post(url + "/v1/verify", json=body) as r:
+            return r.status, await r.json()
+    return send
+
+
+async def ws_rounds(http, url):
+    """send(body) -> (status, answer) over one WebSocket (/v1/ws); answers are matched by seq."""
+    ws = await http.ws_connect(url + "/v1/ws")
+    waiting: dict[int, asyncio.Future] = {}
+
+    async def reader():
+        async for msg in ws:
+            data = json.loads(msg.data)
+            fut = waiting.pop(data.get("seq"), None)
+            if fut is not None and not fut.done():
+                fut.set_result((data.pop("status", 200), data))
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_result((599, {"error": "the WebSocket closed"}))
+    task = asyncio.ensure_future(reader())
+
+    async def send(body):
+        fut = asyncio.get_running_loop().create_future()
+        waiting[body["seq"]] = fut
+        await ws.send_str(json.dumps(body))
+        return await fut
+    send.task = task                     # keeps the reader referenced
+    return send
 
 
 def cpu_list(spec: str) -> set[int]:
@@ -287,12 +357,18 @@ def cpu_list(spec: str) -> set[int]:
     return out
 
 
-def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0, busy_poll_ms=0.0) -> tuple[list[dict], float]:
+def light_kw(args) -> dict:
+    """How the light clients run (run_light's keywords), from the command line."""
+    return {"procs": args.light_procs, "busy_poll_ms": args.client_busy_poll_ms, "ws": args.ws, "ahead": args.ahead}
+
+
+def run_light(url, sessions, n_new, procs=4, timed=False, rtt_ms=0.0, busy_poll_ms=0.0, ws=False,
+              ahead=False) -> tuple[list[dict], float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     shares = [sessions[i::procs] for i in range(procs) if sessions[i::procs]]
     start = ctx.Barrier(len(shares) + 1)
-    ps = [ctx.Process(target=light_worker, args=(url, share, n_new, timed, rtt_ms, q, start, busy_poll_ms))
+    ps = [ctx.Process(target=light_worker, args=(url, share, n_new, timed, rtt_ms, q, start, busy_poll_ms, ws, ahead))
           for share in shares]
     for p in ps:
         p.start()
@@ -321,6 +397,7 @@ def summary(res: list[dict], wall: float) -> dict:
     return base | {"rounds": rounds, "tau": round(base["tokens"] / max(rounds, 1), 3),
                    "errors": sum(bool(r["error"]) for r in res),
                    "resyncs": sum(r.get("resyncs", 0) for r in res),
+                   "stale_ahead": sum(r.get("stale", 0) for r in res),   # draft-ahead rounds answered 412
                    # where a round's time goes (p50): seen by the client, in the cloud's handler, in the engine
                    "round_ms_p50": dict(zip(("client", "handler", "engine"), p50))}
 
@@ -351,7 +428,7 @@ async def replay_pair(backend, url, sessions: list[dict], s: int, tag: str, args
     """s sessions cycled from the real edges' traces: light clients over HTTP, then the same engine
     fed oracle drafts of the same shape (TracePlan), back to back."""
     ss = [dict(sessions[i % len(sessions)], sid=f"{tag}-{i}") for i in range(s)]
-    ours = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
+    ours = await replay(backend, url, ss, args.max_tokens, **light_kw(args))
     return ours, await oracle(backend, ss, args.max_tokens, TracePlan)
 
 
@@ -482,7 +559,7 @@ async def job_edges(args, work: Path) -> dict:
         log(f"{s}: replay {res[f'replay_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     # 3. with the recorded draft time and an emulated RTT (what a fleet of edges looks like)
     ss = [dict(sessions[i % len(sessions)], sid=f"t64-{i}") for i in range(64)]
-    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, timed=True, busy_poll_ms=args.client_busy_poll_ms,
+    res["replay_timed_64"] = await replay(backend, url, ss, args.max_tokens, timed=True, **light_kw(args),
                                           rtt_ms=args.rtt_ms) | {
         "rtt_ms": args.rtt_ms}
     # 4. profile the engine thread's steps during a replay at 64 sessions
@@ -511,8 +588,8 @@ async def job_replay(args, work: Path) -> dict:
     sessions = json.loads((traces if traces.exists() else RESULTS / "gpu_traces15.json").read_text())
     backend, verifier, node, url, up = await start_tandem_cloud(model, args)
     res = {"engine_up_s": up, "runs": []}
-    await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32, procs=args.light_procs,
-                 busy_poll_ms=args.client_busy_poll_ms)
+    await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32,
+                 **(light_kw(args) | {"ahead": False}))
     sizes = [int(x) for x in args.sessions.split(",")]
     for rep in range(args.repeats):
         for s in sizes:
@@ -581,7 +658,7 @@ async def _big(args, work: Path, spec: bool) -> dict:
             b = base[i % len(base)]
             tr = {str(j): [oracle_draft(b["fallback"], j, K, backend.n_vocab), 0.0] for j in range(args.max_tokens)}
             ss.append(dict(b, trace=tr, sid=f"b{s}-{i}"))
-        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, procs=args.light_procs, busy_poll_ms=args.client_busy_poll_ms)
+        res[f"ours_{s}"] = await replay(backend, url, ss, args.max_tokens, **light_kw(args))
         res[f"oracle_{s}"] = await oracle(backend, ss, args.max_tokens, Every4Plan)
         log(f"14B {s}: ours {res[f'ours_{s}']['tokens_per_s']} oracle {res[f'oracle_{s}']['tokens_per_s']}")
     await node.close()
@@ -726,6 +803,9 @@ def main(argv=None) -> int:
     ap.add_argument("--busy-poll-ms", type=float, default=None, help="in-engine: cloud.vllm.busy_poll_ms")
     ap.add_argument("--client-busy-poll-ms", type=float, default=0.0,
                     help="light clients poll their sockets this long after each round instead of sleeping")
+    ap.add_argument("--ws", action="store_true", help="light clients send rounds over the WebSocket channel (/v1/ws)")
+    ap.add_argument("--ahead", action="store_true", help="light clients draft ahead (traces need 'guess': "
+                    "ablations/trace_guesses.py)")
     ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
     ap.add_argument("--sessions", default="64,256", help="replay job: session counts")
     ap.add_argument("--cloud-cpus", default=None, help="pin the cloud (engine + front ends) to these CPUs, e.g. 0-5")
