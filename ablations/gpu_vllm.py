@@ -179,6 +179,12 @@ async def start_tandem_cloud(model_dir, args, **vover):
                                  "cloud.max_draft": 16})
     cfg.cloud.vllm = vcfg(args, model_dir=model_dir, **vover)
     node = await CloudNode.start(cfg, "127.0.0.1", 0)
+    if args.engine_cpus:                             # the engine process (every thread) alone on these CPUs
+        eng = cpu_list(args.engine_cpus)
+        for pid, cpus in [(node.verifier.backend._proc.pid, eng), (os.getpid(), os.sched_getaffinity(0) - eng),
+                          *[(p.pid, os.sched_getaffinity(0) - eng) for p in node._frontends]]:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), cpus)
     log(f"in-engine cloud up in {time.time() - t0:.1f} s at {node.url} (engine in a child process: "
         f"{cfg.cloud.vllm.engine_process}, front ends: {1 + len(node._frontends)})")
     return node.verifier.backend, node.verifier, node, node.url, round(time.time() - t0, 1)
@@ -748,7 +754,8 @@ def run_job(args) -> int:
         f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (
         f"_s{args.sessions.replace(',', '-')}" if args.job == "replay" and args.sessions != "64,256" else "") + (
         f"_cpus{args.cloud_cpus}" if args.cloud_cpus else "") + (
-        f"_{args.tag}" if args.tag else "")
+        f"_eng{args.engine_cpus}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
+        "_ahead" if args.ahead else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -809,6 +816,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
     ap.add_argument("--sessions", default="64,256", help="replay job: session counts")
     ap.add_argument("--cloud-cpus", default=None, help="pin the cloud (engine + front ends) to these CPUs, e.g. 0-5")
+    ap.add_argument("--engine-cpus", default=None, help="pin the engine process to these CPUs, the front ends off them")
     ap.add_argument("--client-cpus", default=None, help="pin the light clients to these CPUs, e.g. 6-15")
     ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
