@@ -122,6 +122,7 @@ def report(dirs: list[Path]) -> int:
         "steps_14b_64": [{"job": k, "change": c, "commit": h, "ours_ratio": _ratio(_tps(jobs.get(k, {}), "ours_64"), _tps(big_plain, "plain_64")),
                           "oracle_ratio": _ratio(_tps(jobs.get(k, {}), "oracle_64"), _tps(big_plain, "plain_64")),
                           "steps": (jobs.get(k, {}).get("ours_64") or {}).get("engine", {}).get("steps")} for k, c, h in STEPS],
+        "h200_ws": h200_ws(jobs),
         "h200": h200(jobs),
         "jobs": jobs,
     }
@@ -187,7 +188,7 @@ def h200_markdown(j: dict, h: dict) -> str:
         f"{_tps(job, 'ours_256')} ({_ratio(_tps(job, 'ours_256'), _tps(bp, 'plain_256'))}) |"
         for name, job in ((f"`{H200_FIRST}`: held rounds stamped when the engine thread read them", j.get(f"big_{H200_FIRST}", {})),
                           (f"`{H200}`: stamped when the front end sent them", b)))
-    return f"""## This session: NVIDIA H200, busy polling, the engine thread reading its own pipes
+    return f"""## The session before: NVIDIA H200, busy polling, the engine thread reading its own pipes
 Device: {h['device']}, vLLM {(h['versions'] or {}).get('vllm')}, torch {(h['versions'] or {}).get('torch')}.
 No H100 was free, so every number in this section is from an H200. Do not compare them with the
 H100 sections below. The H200 steps the 1.5B faster (an oracle step at 64 sessions: about 4.9 ms here,
@@ -289,6 +290,144 @@ python -m ablations.gpu_vllm run --jobs replay --repeats 5 --tag nopin --out $OU
 """
 
 
+# --- the third H200 session: the WebSocket channel, the engine on its own CPUs, draft-ahead -----------
+WS = "7b1"                 # job-file tag of that session (code 51da04e..8d6a533)
+LOGS = RESULTS / "gpu_logs" / WS
+# replay settings: (label, group, job file or None, logs whose "replay N S: ... ratio R" lines hold pairs
+# whose job file did not come back from the device: a comma in its name)
+WS_REPLAYS = [("POST /v1/verify (as before)", "http", f"replay_s64_http_{WS}", []),
+              ("WebSocket", "ws", f"replay_s64_ws_{WS}", []),
+              ("WebSocket, no polling", "ws_busy0", f"replay_busy0_s64_ws_{WS}", []),
+              ("WebSocket, engine alone on CPUs 0,1", "ws_eng", None, ["22_run_ws_eng.log", "23_run_ws_eng01.log"]),
+              ("WebSocket, engine alone on CPUs 0-2", "ws_eng", f"replay_eng0-2_ws_{WS}", []),
+              ("WebSocket + draft-ahead", "ws_ahead", f"replay_ws_ahead_{WS}", []),
+              ("WebSocket, engine on 0,1, 8 front ends", "ws_eng_fe8", f"replay_fe8_s64_eng0_1_ws_{WS}_frontends8", []),
+              ("WebSocket, engine on 0,1, 16 light-client processes", "ws_eng_lp16",
+               f"replay_s64_eng0_1_ws_{WS}_lightprocs16", []),
+              ("WebSocket, engine on 0,1, no polling", "ws_eng_busy0", f"replay_busy0_s64_eng0_1_ws_{WS}_busypollms0", [])]
+WS_BIG = [("POST, no pinning", f"big_{WS}"), ("WebSocket", f"big_ws_{WS}"), ("POST, engine on 0,1", f"big_eng0_1_{WS}"),
+          ("WebSocket, engine on 0,1", f"big_eng0_1_ws_{WS}_again")]
+
+
+def _log_pairs(name: str) -> list[dict]:
+    """(sessions, ratio) of each 'replay N S: ours A oracle B ratio R' line of a committed log."""
+    import re
+    out = []
+    for line in (LOGS / name).read_text().splitlines():
+        m = re.search(r"replay \d+ (\d+): ours ([\d.]+) oracle ([\d.]+) ratio ([\d.]+)", line)
+        if m:
+            out.append({"sessions": int(m[1]), "ratio": float(m[4]), "ours_tps": float(m[2]), "oracle_tps": float(m[3])})
+    return out
+
+
+def _log_value(name: str, pattern: str):
+    import re
+    m = re.search(pattern, (LOGS / name).read_text())
+    return float(m[1]) if m else None
+
+
+def h200_ws(jobs: dict) -> dict:
+    pairs: dict = {}
+    rows = []
+    for label, group, job, logs in WS_REPLAYS:
+        runs = jobs.get(job, {}).get("runs", []) if job else [r for n in logs for r in _log_pairs(n)]
+        for s in sorted({r["sessions"] for r in runs}):
+            rs = [r for r in runs if r["sessions"] == s]
+            pairs.setdefault(group, {}).setdefault(s, []).extend(r["ratio"] for r in rs)
+            eng = [(r["ours"]["engine"], r["oracle"]["engine"], r["ours"]) for r in rs if "ours" in r]
+            rows.append({"setting": label, "sessions": s, "median": _median([r["ratio"] for r in rs]),
+                         "pairs": [r["ratio"] for r in rs],
+                         "step_ms": [_median([o["ms_per_step"] for o, _, _ in eng]), _median([q["ms_per_step"] for _, q, _ in eng])]
+                         if eng else None,
+                         "idle_ms_per_step": _median([round(1e3 * (w["wall_s"] - o["step_s"]) / max(o["steps"], 1), 2)
+                                                      for o, _, w in eng]) if eng else None,
+                         "stale_ahead": _median([w.get("stale_ahead") for _, _, w in eng]) if eng else None})
+    plain64 = _log_value("23_run_big.log", r"14B plain 64: .*'tokens_per_s': ([\d.]+)")
+    plain256 = _log_value("23_run_big.log", r"14B plain 256: .*'tokens_per_s': ([\d.]+)")
+    big = [{"setting": label, "ours_64": _tps(jobs.get(k, {}), "ours_64"), "oracle_64": _tps(jobs.get(k, {}), "oracle_64"),
+            "capacity_ratio_14b": _ratio(_tps(jobs.get(k, {}), "ours_64"), plain64),
+            "capacity_ratio_14b_256": _ratio(_tps(jobs.get(k, {}), "ours_256"), plain256),
+            "steps": ((jobs.get(k, {}).get("ours_64") or {}).get("engine") or {}).get("steps")} for label, k in WS_BIG]
+    return {"oracle_ceiling_ratio": _median(pairs.get("ws_eng", {}).get(64, [])),
+            "oracle_ceiling_ratio_256": _median(pairs.get("ws_eng", {}).get(256, [])),
+            "oracle_ceiling_ratio_http_same_machine": _median(pairs.get("http", {}).get(64, [])),
+            "oracle_ceiling_pairs": pairs, "replays": rows, "plain_14b": [plain64, plain256], "big_14b": big,
+            "capacity_ratio_14b": _median([b["capacity_ratio_14b"] for b in big]),
+            "big_14b_outlier": _ratio(_log_value("23_run_big.log", r"14B 64: ours ([\d.]+)"), plain64)}
+
+
+def h200_ws_markdown(w: dict) -> str:
+    rows = "\n".join(f"| {r['setting']} | {r['sessions']} | **{r['median']}** | {', '.join(map(str, r['pairs']))} | "
+                     f"{' / '.join(map(str, r['step_ms'])) if r['step_ms'] else '(log only)'} | "
+                     f"{r['idle_ms_per_step'] if r['idle_ms_per_step'] is not None else ''} | "
+                     f"{r['stale_ahead'] or ''} |" for r in w["replays"])
+    big = "\n".join(f"| {b['setting']} | {b['ours_64']} | **{b['capacity_ratio_14b']}** | {b['steps']} | {b['oracle_64']} | "
+                    f"{b['capacity_ratio_14b_256']} |" for b in w["big_14b"])
+    n = len(w["oracle_ceiling_pairs"].get("ws_eng", {}).get(64, []))
+    return f"""## Latest session: NVIDIA H200, a WebSocket verify channel, the engine on its own CPUs, draft-ahead
+Code 51da04e..8d6a533, one H200 machine (16 cores, no SMT), vLLM 0.26.0. Job files `gpu_jobs/*_{WS}*.json`,
+logs `gpu_logs/{WS}/`.
+
+What is new:
+* **`GET /v1/ws`**: verify rounds over one WebSocket per edge, with the same typed messages as
+  `POST /v1/verify` (errors carry `status`). On the 2-CPU box, `python -m ablations.frontend_cost`
+  puts the HTTP processes' CPU per round at 166–184 µs against 250–305 µs for the POST, and the
+  simulated engine busy at 0.50 instead of 0.43 (`results/frontend_cost.md`). On the H200 the idle time
+  per engine step at 64 sessions fell from 2.1–2.4 ms to 1.3–1.5 ms.
+* **The engine process alone on its CPUs** (`--engine-cpus`). Ours' steps were slower than the oracle's
+  on the same engine because the front ends and the harness's clients shared its cores.
+* **Draft-ahead** (protocol `guess`): round r+1 sent while round r is in flight, verified only if r
+  accepts its whole draft with the guessed next token, else 412. The board promotes it on the engine
+  thread, with no wire in between. The drafter's guesses for the committed traces
+  (`python -m ablations.trace_guesses`): 59 % of rounds would hit.
+
+### Headline (latest session)
+* **oracle_ceiling_ratio (1.5B, 64): {w['oracle_ceiling_ratio']}**, the median of {n} pairs (WebSocket, engine alone on its CPUs);
+  at 256: {w['oracle_ceiling_ratio_256']}. POST on the same machine: {w['oracle_ceiling_ratio_http_same_machine']}. **Still short of 0.8.**
+* **capacity_ratio_14b: {w['capacity_ratio_14b']}** (median of the four runs below; plain {w['plain_14b'][0]} / {w['plain_14b'][1]} tok/s at 64 / 256).
+  One earlier run in the same call gave {w['big_14b_outlier']} (log `23_run_big.log`, its job file did not come back). It was not reproduced in the
+  four runs after it, including the same settings.
+
+### The 1.5B oracle ceiling, pair by pair
+"ms per step" is the median engine step for ours / oracle. "idle" is ours' wall time minus its step time,
+per step. "stale" counts draft-ahead rounds answered 412 (a run has about 2,400 rounds at 64 sessions).
+
+| setting | sessions | median | pairs | ms per step ours / oracle | idle ms per step | stale |
+|---|---|---|---|---|---|---|
+{rows}
+
+Reading it:
+* The WebSocket takes about 0.9 ms of idle out of each step (2.3 to 1.4 ms). Pinning the engine to its
+  own CPUs did not close the step-time gap (ours 5.7 ms against the oracle's 4.9 ms, pinned to 0-2).
+  The medians rise from 0.72 (POST) to 0.74 (WebSocket) and 0.77 (WebSocket, pinned), but the pairs
+  spread from 0.69 to 0.92, so only the idle time is a clear gain.
+* Draft-ahead does not pay at zero think time. At 64 sessions some session misses in every step, so
+  the step still waits for a round trip, and the 412s add traffic. At 256 it made things worse. It is
+  meant for edges far from the cloud, where a hit saves a whole RTT. This replay does not measure that.
+* More front ends (8), more client processes (16) and no polling did not help.
+
+### The 14B (64 sessions; plain from the same machine)
+| run | ours, 64 | ÷ plain | engine steps | oracle, 64 | ours ÷ plain, 256 |
+|---|---|---|---|---|---|
+{big}
+
+### Commands (latest session; `--ws`, `--ahead`, `--engine-cpus` are new)
+```
+python -m ablations.trace_guesses ablations/results/gpu_traces15.json     # here, CPU: the drafter's guesses
+python -m ablations.gpu_vllm run --jobs replay --repeats 4 --sessions 64 --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --repeats 4 --sessions 64 --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --ahead --repeats 4 --sessions 64,256 --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --busy-poll-ms 0 --repeats 4 --sessions 64 --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --engine-cpus 0,1 --repeats 4 (then 8) --sessions 64 --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --engine-cpus 0-2 --repeats 6 --sessions 64,256 --out $OUT
+python -m ablations.gpu_vllm run --jobs big_plain,big --ws --engine-cpus 0,1 --out $OUT
+python -m ablations.gpu_vllm run --jobs big [--ws] [--engine-cpus 0,1] --out $OUT
+python -m ablations.gpu_vllm run --jobs replay --ws --engine-cpus 0,1 [--frontends 8 | --light-procs 16 | --busy-poll-ms 0] --repeats 4 --sessions 64 --out $OUT
+```
+
+"""
+
+
 def markdown(r: dict) -> str:
     j = r["jobs"]
     e, p, bp, b = j.get(f"edges_{CUR}", {}), j.get(f"plain_{CUR}", {}), j.get(f"big_plain_{CUR}", {}), j.get(BIG, {})
@@ -382,8 +521,10 @@ def markdown(r: dict) -> str:
 
 Produced by `python -m ablations.gpu_report ablations/results/gpu_jobs` from the job files that
 `python -m ablations.gpu_vllm run --jobs ...` wrote on the device (job files and logs suffixed with the
-code's commit). This session ran on an H200; the sections after it are the earlier sessions' H100 runs.
+code's commit). The two H200 sessions come first (latest first); the sections after them are the
+earlier sessions' H100 runs.
 
+{h200_ws_markdown(r['h200_ws'])}
 {h200_markdown(j, r['h200'])}
 Produced by `python -m ablations.gpu_report ablations/results/gpu_jobs` from the job files that
 `python -m ablations.gpu_vllm run --jobs ...` wrote on the device (commands at the end; the device logs

@@ -754,7 +754,7 @@ def run_job(args) -> int:
         f"_cbusy{args.client_busy_poll_ms:g}" if args.client_busy_poll_ms else "") + (
         f"_s{args.sessions.replace(',', '-')}" if args.job == "replay" and args.sessions != "64,256" else "") + (
         f"_cpus{args.cloud_cpus}" if args.cloud_cpus else "") + (
-        f"_eng{args.engine_cpus}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
+        f"_eng{args.engine_cpus.replace(',', '_')}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
         "_ahead" if args.ahead else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
