@@ -111,6 +111,7 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             rounds.add(task)
             task.add_done_callback(rounds.discard)
         elif msg.type == web.WSMsgType.BINARY:
+            verifier.stats.error(400)
             await ws.send_str(json.dumps({"error": "send VerifyRequest JSON as text messages", "status": 400}))
     return ws                          # rounds still running finish (the session state stays right), unsent
 

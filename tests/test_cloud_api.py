@@ -125,3 +125,40 @@ def test_generate_streams_target_tokens(table_backend):
         async with http.get(url + "/metrics") as r:
             assert "tandem_verify_rounds" in await r.text()
     run_with_cloud(table_backend, body)
+
+
+def test_websocket_rounds_and_errors(table_backend):
+    """GET /v1/ws: the same rounds as POST /v1/verify, answers matched by (session_id, seq); bad input
+    gets an error object with its HTTP status, and the socket stays usable."""
+    async def body(http, url, v):
+        async with http.ws_connect(url + "/v1/ws") as ws:
+            await ws.send_str(json.dumps(first_round()))
+            r = json.loads((await ws.receive()).data)
+            assert (r["seq"], r["accepted"], r["next_token"], r["committed_len"]) == (0, 2, 6, 6)
+            await ws.send_str("{not json")
+            assert json.loads((await ws.receive()).data)["status"] == 400
+            await ws.send_str(json.dumps(first_round(seq=1, base_len=6, append=[], draft=[99])))
+            r = json.loads((await ws.receive()).data)
+            assert r["status"] == 422 and r["field"] == "draft" and r["seq"] == 1       # outside the vocabulary
+            await ws.send_str(json.dumps(first_round(seq=5, base_len=6, append=[], draft=[7])))
+            r = json.loads((await ws.receive()).data)
+            assert r["status"] == 409 and r["committed_len"] == 6
+            await ws.send_bytes(b"\x00")
+            assert json.loads((await ws.receive()).data)["status"] == 400
+            await ws.send_str(json.dumps(first_round(seq=1, base_len=6, append=[], draft=[7, 8])))
+            r = json.loads((await ws.receive()).data)
+            assert (r["seq"], r["accepted"], r["next_token"], r["committed_len"]) == (1, 2, 9, 9)
+        async with http.get(url + "/stats") as resp:
+            errors = (await resp.json())["errors"]
+        assert errors == {"400": 2, "409": 1, "422": 1}
+    run_with_cloud(table_backend, body)
+
+
+def test_websocket_needs_the_token(table_backend):
+    async def body(http, url, v):
+        async with http.get(url + "/v1/ws") as r:
+            assert r.status == 401 and "token" in (await r.json())["error"]
+        async with http.ws_connect(url + "/v1/ws", headers={"Authorization": "Bearer s3cret"}) as ws:
+            await ws.send_str(json.dumps(first_round()))
+            assert json.loads((await ws.receive()).data)["accepted"] == 2
+    run_with_cloud(table_backend, body, auth_token="s3cret")
