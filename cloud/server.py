@@ -22,10 +22,14 @@ VERIFIER = web.AppKey("verifier", Verifier)
 CONFIG = web.AppKey("config", TandemConfig)
 
 
-def error_response(verifier: Verifier, status: int, message: str, field: str | None = None, **extra) -> web.Response:
+def error_body(verifier: Verifier, status: int, message: str, field: str | None = None, **extra) -> dict:
+    """Count the error and build its JSON body (HTTP responses and WebSocket answers alike)."""
     verifier.stats.error(status)
-    body = ErrorResponse(error=message, field=field).model_dump(exclude_none=True) | extra
-    return web.json_response(body, status=status)
+    return ErrorResponse(error=message, field=field).model_dump(exclude_none=True) | extra
+
+
+def error_response(verifier: Verifier, status: int, message: str, field: str | None = None, **extra) -> web.Response:
+    return web.json_response(error_body(verifier, status, message, field, **extra), status=status)
 
 
 async def _parse(request: web.Request, model):
@@ -95,13 +99,10 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             ids = {"session_id": req.session_id, "seq": req.seq}
             answer = (await verifier.verify(req)).model_dump_json()
         except ApiError as e:
-            verifier.stats.error(e.status)
-            answer = json.dumps(ErrorResponse(error=e.message, field=e.field).model_dump(exclude_none=True)
-                                | {"status": e.status} | ids | e.extra)
+            answer = json.dumps(error_body(verifier, e.status, e.message, e.field, **ids, **e.extra) | {"status": e.status})
         except Exception as e:  # a bug or backend failure: report it, keep serving
             log.exception("internal error on a WebSocket round")
-            verifier.stats.error(500)
-            answer = json.dumps({"error": f"internal error: {type(e).__name__}: {e}", "status": 500} | ids)
+            answer = json.dumps(error_body(verifier, 500, f"internal error: {type(e).__name__}: {e}", **ids) | {"status": 500})
         if not ws.closed:
             await ws.send_str(answer)
 
@@ -111,8 +112,7 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             rounds.add(task)
             task.add_done_callback(rounds.discard)
         elif msg.type == web.WSMsgType.BINARY:
-            verifier.stats.error(400)
-            await ws.send_str(json.dumps({"error": "send VerifyRequest JSON as text messages", "status": 400}))
+            await ws.send_str(json.dumps(error_body(verifier, 400, "send VerifyRequest JSON as text messages") | {"status": 400}))
     return ws                          # rounds still running finish (the session state stays right), unsent
 
 

@@ -154,8 +154,7 @@ class Verifier:
         if (prev is None or prev[0] != req.seq - 1 or req.append or not req.reuse_cache
                 or req.base_len != len(prev[1]) + len(prev[2]) + 1):
             return None
-        ahead = self.backend.post_ahead(req.session_id, prev[1] + prev[2] + [req.guess], len(prev[1]), req.draft,
-                                        req.rtt_ms)
+        ahead = self.backend.post_ahead(req.session_id, prev[1], prev[2] + [req.guess], req.draft, req.rtt_ms)
         if ahead is not None:
             self.stats.ahead_posted += 1
         return ahead

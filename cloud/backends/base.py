@@ -36,9 +36,10 @@ class Backend(ABC):
         async with self._lock:
             return await asyncio.to_thread(self.logits, session_id, tokens, n_logits, reuse)
 
-    def post_ahead(self, session_id: str, context: list[int], after: int, draft: list[int], rtt_ms):
-        """Draft-ahead (a verifying backend): take a round now whose context runs past the round in
-        flight, which started at `after`. None: not here (the verifier runs it in turn, after that one)."""
+    def post_ahead(self, session_id: str, context: list[int], expect: list[int], draft: list[int], rtt_ms):
+        """Draft-ahead (a verifying backend): take a round now that follows the round in flight, which
+        started after `context`, if that round leaves `expect` (its draft + the guessed next token).
+        None: not here (the verifier runs it in turn, after that one)."""
         return None
 
     def drop(self, session_id: str) -> None:

@@ -12,7 +12,7 @@ import time
 from typing import Callable, Optional
 
 from cloud.backends.base import Backend, DraftStale, SessionEnded
-from cloud.backends.draft_board import DraftBoard, Round
+from cloud.backends.draft_board import STALE, DraftBoard, Round
 
 
 class BoardBackend(Backend):
@@ -62,21 +62,15 @@ class BoardBackend(Backend):
                         rtt_ms)
         return True
 
-    def post_ahead(self, session_id: str, context: list[int], after: int, draft: list[int], rtt_ms):
-        """A draft-ahead round (its context runs past the round in flight, which started at `after`):
-        an awaitable of (accepted, next_token, held) that raises DraftStale if that round ends
-        otherwise, or None when the live request does not hold context[:after] (verify it in turn)."""
-        tokens = self.board.held(self.sessions.get(session_id))
-        if tokens is None or tokens[:after] != context[:after]:
+    def post_ahead(self, session_id: str, context: list[int], expect: list[int], draft: list[int], rtt_ms):
+        """A draft-ahead round after the round in flight (which started after `context`): an awaitable of
+        (accepted, next_token, held) that raises DraftStale if that round does not leave `expect`, or None
+        when the live request does not hold `context` (the verifier runs it in turn)."""
+        if not self.board.holds(self.sessions.get(session_id), context):
             return None
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        ok = self.post_round(session_id, len(context), draft, rtt_ms,
-                             lambda a, t: loop.call_soon_threadsafe(settle_future, fut, (a, t, len(context)), None),
-                             lambda msg: loop.call_soon_threadsafe(settle_future, fut, None, SessionEnded(msg)),
-                             expect=context[after:],
-                             on_stale=lambda: loop.call_soon_threadsafe(settle_future, fut, None, DraftStale(
-                                 "the round before did not end as guessed")))
+        n = len(context) + len(expect)
+        fut, on_done, on_error, on_stale = round_future(asyncio.get_running_loop(), lambda a, t: (a, t, n))
+        ok = self.post_round(session_id, n, draft, rtt_ms, on_done, on_error, expect=expect, on_stale=on_stale)
         return fut if ok else None
 
     async def open_request(self, session_id: str, context: list[int], sampling, rtt_ms, reuse: bool,
@@ -87,14 +81,7 @@ class BoardBackend(Backend):
     async def averify(self, session_id: str, context: list[int], draft: list[int], sampling, rtt_ms,
                       reuse: bool) -> tuple[int, int, int]:
         """One round: (accepted, next_token, tokens the engine already held)."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def on_done(a: int, t: int) -> None:
-            loop.call_soon_threadsafe(settle_future, fut, (a, t), None)
-
-        def on_error(msg: str) -> None:
-            loop.call_soon_threadsafe(settle_future, fut, None, SessionEnded(msg))
+        fut, on_done, on_error, _ = round_future(asyncio.get_running_loop(), lambda a, t: (a, t))
         rnd = Round(len(context), list(draft), time.monotonic(), on_done, on_error)
         rid = self.sessions.get(session_id)
         if reuse and self.board.holds(rid, context):
@@ -107,6 +94,17 @@ class BoardBackend(Backend):
             held = 0
         accepted, nxt = await fut
         return accepted, nxt, held
+
+
+def round_future(loop: asyncio.AbstractEventLoop, result: Callable[[int, int], object]):
+    """A future on `loop` and the three callbacks the engine thread settles it with: on_done(a, t)
+    (its value: result(a, t)), on_error(reason) (SessionEnded), on_stale() (DraftStale)."""
+    fut = loop.create_future()
+
+    def settle(value, exc) -> None:
+        loop.call_soon_threadsafe(settle_future, fut, value, exc)
+    return (fut, lambda a, t: settle(result(a, t), None), lambda reason: settle(None, SessionEnded(reason)),
+            lambda: settle(None, DraftStale(STALE)))
 
 
 def settle_future(fut: asyncio.Future, result, exc) -> None:

@@ -49,6 +49,8 @@ from functools import partial
 from typing import Callable, Optional
 
 PARK = "park"          # spec_for(): do not schedule this request this step
+ENDED = "the session's engine request ended"     # on_error's reason when the request goes under a round
+STALE = "the round before did not end as guessed"   # a draft-ahead round's reason when it is dropped
 
 
 class Waker:
@@ -166,9 +168,10 @@ class DraftBoard:
             slot = self.slots[req_id]
             slot.rtt_ms = rtt_ms
             if rnd.expect is not None and slot.round is not None:     # draft-ahead: waits for the round in flight
-                calls = [rnd.on_stale] if slot.next is not None else []    # one round ahead at most
-                if not calls:
-                    slot.next = rnd
+                if slot.next is None:
+                    slot.next, calls = rnd, []
+                else:
+                    calls = [rnd.on_stale]                            # one round ahead at most
             else:
                 if slot.resolved_at is not None and rnd.expect is None:
                     cycle = rnd.posted - slot.resolved_at
@@ -192,14 +195,14 @@ class DraftBoard:
             if done is None:
                 if slot.finished:
                     slot.round = None
-                    calls.append(partial(rnd.on_error, "the session's engine request ended"))
+                    calls.append(partial(rnd.on_error, ENDED))
                 break
             calls.append(partial(rnd.on_done, *done))
             slot.round = None
             slot.parked_since = slot.resolved_at = time.monotonic()
             rnd, slot.next = slot.next, None
         if slot.finished and slot.next is not None:
-            calls.append(partial(slot.next.on_error, "the session's engine request ended"))
+            calls.append(partial(slot.next.on_error, ENDED))
             slot.next = None
         return calls
 
@@ -222,7 +225,7 @@ class DraftBoard:
             slot = self.slots.pop(req_id, None)
         for rnd in (slot.round, slot.next) if slot is not None else ():
             if rnd is not None:
-                rnd.on_error("the session's engine request ended")
+                rnd.on_error(ENDED)
         return slot
 
     # --- scheduler side (engine thread) ---------------------------------------------------------

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
 from cloud.backends.base import Backend, DraftStale, SessionEnded
+from cloud.backends.draft_board import ENDED, STALE
 from cloud.busy_poll import BusyPoll
 from common.config import VllmConfig
 
@@ -226,11 +227,11 @@ class EngineClient(Backend):
             msg = ("verify", session_id, context, draft, sampling, rtt_ms, reuse)
         return await self._round(session_id, context, draft, msg, reuse)
 
-    def post_ahead(self, session_id, context, after, draft, rtt_ms):
-        if self._held.get(session_id) != context[:after]:
+    def post_ahead(self, session_id, context, expect, draft, rtt_ms):
+        if self._held.get(session_id) != context:
             return None                         # the round in flight is not a held one (a fresh request)
-        msg = ("verify_held", session_id, len(context), draft, rtt_ms, time.monotonic(), context[after:])
-        return asyncio.ensure_future(self._round(session_id, context, draft, msg, True))
+        msg = ("verify_held", session_id, len(context) + len(expect), draft, rtt_ms, time.monotonic(), expect)
+        return asyncio.ensure_future(self._round(session_id, context + expect, draft, msg, True))
 
     async def _round(self, session_id, context, draft, msg, reuse) -> tuple[int, int, int]:
         try:
@@ -383,10 +384,10 @@ async def _serve(conns, backend, busy_poll_s: float) -> None:
             wire.send(("ended", rid, reason))
 
         def on_stale() -> None:
-            wire.send(("stale", rid, "the round before did not end as guessed"))
+            wire.send(("stale", rid, STALE))
         if sid not in samplings or not backend.post_round(sid, n, draft, rtt_ms, on_done, on_error, sent_at,
                                                           expect, on_stale):
-            wire.send(("ended", rid, "the session's engine request ended"))
+            wire.send(("ended", rid, ENDED))
 
     def on_engine_thread(i: int, msg: tuple) -> bool:
         """The engine thread, reading the pipes: a held round goes to the board here; False: not one."""
