@@ -85,8 +85,9 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
     """Verify rounds over one WebSocket: each text message is a VerifyRequest, each answer a
     VerifyResponse or an error object {"error", "field", "status", "session_id", "seq"}. Rounds run
     concurrently (a draft-ahead round while the one before is in flight), so answers come in the
-    order they are decided: match them by (session_id, seq). The same rounds as POST /v1/verify at a
-    third of its per-round CPU (no HTTP request to parse, no response headers, no handler per round)."""
+    order they are decided: match them by (session_id, seq). The same rounds as POST /v1/verify for less
+    CPU per round (no HTTP request to parse, no response headers, no handler per round:
+    ablations/results/frontend_cost.md)."""
     verifier = request.app[VERIFIER]
     ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].cloud.max_body_bytes)
     await ws.prepare(request)
