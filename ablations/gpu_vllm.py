@@ -90,6 +90,7 @@ def vcfg(args, **over):
     return VllmConfig(execution=args.execution, gpu_memory_utilization=0.85, max_num_seqs=256,
                       num_speculative_tokens=K, pad_drafts=not args.no_pad, tensor_parallel_size=args.tp,
                       engine_process=not args.in_process, attention_backend=args.attention,
+                      early_answers=not args.late_answers,
                       **{k: v for k, v in (("gather_ms", args.gather_ms), ("switch_interval_ms", args.switch_ms),
                                            ("frontends", args.frontends), ("busy_poll_ms", args.busy_poll_ms))
                          if v is not None}, **over)
@@ -432,10 +433,34 @@ async def oracle(backend, ss, n_new, plan_cls) -> dict:
 
 async def replay_pair(backend, url, sessions: list[dict], s: int, tag: str, args) -> tuple[dict, dict]:
     """s sessions cycled from the real edges' traces: light clients over HTTP, then the same engine
-    fed oracle drafts of the same shape (TracePlan), back to back."""
+    fed oracle drafts of the same shape (TracePlan), back to back. --burn-cpus: the oracle once more
+    with those CPUs kept busy (is ours' step slower for the load the clients and front ends put on
+    the host?), as orc["loaded"]."""
     ss = [dict(sessions[i % len(sessions)], sid=f"{tag}-{i}") for i in range(s)]
     ours = await replay(backend, url, ss, args.max_tokens, **light_kw(args))
-    return ours, await oracle(backend, ss, args.max_tokens, TracePlan)
+    orc = await oracle(backend, ss, args.max_tokens, TracePlan)
+    if args.burn_cpus:
+        burners = [mp.get_context("spawn").Process(target=burn, args=(c,), daemon=True) for c in cpu_list(args.burn_cpus)]
+        for b in burners:
+            b.start()
+        await asyncio.sleep(1.0)
+        orc["loaded"] = await oracle(backend, ss, args.max_tokens, TracePlan)
+        for b in burners:
+            b.terminate()
+    return ours, orc
+
+
+def step_line(run: dict) -> str:
+    e = run.get("engine", {})
+    return " ".join(str(e.get(k)) for k in ("ms_per_step", "idle_ms_per_step", "post_ms_per_step", "gc_ms_per_step",
+                                            "edge_cycle_ms", "read_ms")) + f" gc {e.get('gc_runs')} steps {e.get('steps')}"
+
+
+def burn(cpu: int) -> None:
+    """Keep one CPU busy (a Python loop, as a busy-polling client or front end would) until killed."""
+    os.sched_setaffinity(0, {cpu})
+    while True:
+        pass
 
 
 class TracePlan:
@@ -604,6 +629,8 @@ async def job_replay(args, work: Path) -> dict:
                                 "ratio": round(ours["tokens_per_s"] / orc["tokens_per_s"], 3)})
             log(f"replay {rep} {s}: ours {ours['tokens_per_s']} oracle {orc['tokens_per_s']} "
                 f"ratio {res['runs'][-1]['ratio']} round p50 {ours['round_ms_p50']}")
+            log("  engine ms/step (step idle post gc | edge cycle, read): ours " + step_line(ours) + " | oracle "
+                + step_line(orc) + (" | oracle, CPUs loaded " + step_line(orc["loaded"]) if "loaded" in orc else ""))
     for s in sizes:
         r = sorted(x["ratio"] for x in res["runs"] if x["sessions"] == s)
         res[f"oracle_ceiling_{s}"] = {"median": r[len(r) // 2], "all": r}
@@ -755,7 +782,8 @@ def run_job(args) -> int:
         f"_s{args.sessions.replace(',', '-')}" if args.job == "replay" and args.sessions != "64,256" else "") + (
         f"_cpus{args.cloud_cpus}" if args.cloud_cpus else "") + (
         f"_eng{args.engine_cpus.replace(',', '_')}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
-        "_ahead" if args.ahead else "") + (f"_{args.tag}" if args.tag else "")
+        "_ahead" if args.ahead else "") + ("_late" if args.late_answers else "") + (
+        "_burn" if args.burn_cpus else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -776,6 +804,7 @@ def run_job(args) -> int:
     res["busy_poll_ms"] = args.busy_poll_ms
     res["client_busy_poll_ms"] = args.client_busy_poll_ms
     res["cloud_cpus"], res["client_cpus"] = args.cloud_cpus, args.client_cpus
+    res["engine_cpus"], res["burn_cpus"], res["early_answers"] = args.engine_cpus, args.burn_cpus, not args.late_answers
     (Path(args.out) / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     (work / f"job_{name}.json").write_text(json.dumps(res, indent=1))
     log(f"job {name} done in {res['job_s']} s" + (f": ERROR {res['error']}" if "error" in res else ""))
@@ -818,6 +847,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cloud-cpus", default=None, help="pin the cloud (engine + front ends) to these CPUs, e.g. 0-5")
     ap.add_argument("--engine-cpus", default=None, help="pin the engine process to these CPUs, the front ends off them")
     ap.add_argument("--client-cpus", default=None, help="pin the light clients to these CPUs, e.g. 6-15")
+    ap.add_argument("--burn-cpus", default=None, help="replay: the oracle once more with these CPUs kept busy")
+    ap.add_argument("--late-answers", action="store_true",
+                    help="in-engine: cloud.vllm.early_answers off (answers after vLLM's output processing)")
     ap.add_argument("--tag", default=None, help="suffix for this run's job files (e.g. the commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)

@@ -91,6 +91,7 @@ class VllmConfig(_Section):
     frontends: int = Field(4, ge=1, le=64)   # in_engine + engine_process: HTTP front-end processes on one port
     busy_poll_ms: float = Field(10.0, ge=0.0)   # in_engine + engine_process: poll for this long after activity before sleeping
     pad_drafts: bool = True                  # in_engine: fill every draft to k slots: uniform steps replay a CUDA graph
+    early_answers: bool = True               # in_engine: answer rounds inside the step, before vLLM's output processing
     attention_backend: Optional[str] = None  # vLLM's attention backend (e.g. TRITON_ATTN); None: vLLM picks
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)

@@ -156,6 +156,7 @@ class DraftBoard:
         self.wake = Waker()
         self.order_key: Callable[[Optional[float], float], float] = lambda rtt_ms, since: since
         self.reason = ""                         # why ready() last said go (engine statistics)
+        self.cycles = [0, 0.0, 0.0]              # rounds posted after one resolved, s resolved -> posted, s posted -> here
 
     # --- HTTP side ----------------------------------------------------------------------------
     def open(self, slot: Slot) -> None:
@@ -176,6 +177,9 @@ class DraftBoard:
                 if slot.resolved_at is not None and rnd.expect is None:
                     cycle = rnd.posted - slot.resolved_at
                     slot.turnaround_s = cycle if slot.turnaround_s is None else 0.7 * slot.turnaround_s + 0.3 * cycle
+                    self.cycles[0] += 1
+                    self.cycles[1] += cycle
+                    self.cycles[2] += time.monotonic() - rnd.posted
                 calls = self._begin(slot, rnd)
         for call in calls:
             call()
@@ -218,6 +222,14 @@ class DraftBoard:
         with self.lock:
             slot = self.slots.get(req_id) if req_id is not None else None
             return None if slot is None or slot.finished else slot.tokens
+
+    def take_cycles(self) -> tuple[int, float, float]:
+        """Engine statistics since the last call: rounds posted after their session's last one resolved,
+        the seconds from that resolution to the new round's posting (answer out, edge, draft back) and
+        from its posting to its arrival here, summed."""
+        with self.lock:
+            got, self.cycles = tuple(self.cycles), [0, 0.0, 0.0]
+        return got
 
     def close(self, req_id: str) -> Optional[Slot]:
         """Forget a request; a round still waiting on it fails (its edge re-syncs)."""

@@ -15,6 +15,7 @@ tensor parallelism the workers are other processes, but drafts never go there.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import queue
 import sys
@@ -41,17 +42,26 @@ class EngineStats:
     tokens: int = 0
     scheduled_tokens: int = 0
     schedule_s_at_start: float = 0.0    # the scheduler's running total when these counters began
+    post_s: float = 0.0                 # engine thread, after a step returned until its answers were written
+    gc_s: float = 0.0                   # Python's garbage collector, anywhere in the engine process
+    gc_runs: list = field(default_factory=lambda: [0, 0, 0])   # collections per generation
     # why each step started (DraftBoard.ready) -> [steps, seconds the engine sat idle before them]
     started: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
 
-    def as_dict(self, schedule_s_total: float) -> dict:
+    def as_dict(self, schedule_s_total: float, cycles: tuple[int, float, float]) -> dict:
         n, sched = max(self.steps, 1), schedule_s_total - self.schedule_s_at_start
         gap = sum(g for _, g in self.started.values())
+        rounds, out_s, read_s = cycles
         return {"steps": self.steps, "idle_steps": self.idle_steps, "step_s": round(self.step_s, 3),
                 "schedule_s": round(sched, 3), "tokens": self.tokens,
                 "ms_per_step": round(1e3 * self.step_s / n, 3), "schedule_ms_per_step": round(1e3 * sched / n, 3),
                 "scheduled_tokens_per_step": round(self.scheduled_tokens / n, 1),
                 "idle_ms_per_step": round(1e3 * gap / n, 3),
+                "post_ms_per_step": round(1e3 * self.post_s / n, 3),
+                "gc_ms_per_step": round(1e3 * self.gc_s / n, 3), "gc_runs": self.gc_runs,
+                # per edge round: its answer's trip out, the edge, its next draft's trip back (DraftBoard.post)
+                "edge_cycle_ms": round(1e3 * out_s / max(rounds, 1), 3),
+                "read_ms": round(1e3 * read_s / max(rounds, 1), 3),    # ... of which: the last pipe hop
                 "started": {k: {"steps": c, "idle_ms_per_step": round(1e3 * g / max(c, 1), 3)}
                             for k, (c, g) in sorted(self.started.items())}}
 
@@ -81,11 +91,15 @@ class VllmEngineBackend(BoardBackend):
         from vllm import EngineArgs
         self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, cfg, n_ctx, cfg.num_speculative_tokens)))
         self.scheduler = self.engine.engine_core.engine_core.scheduler
+        if cfg.early_answers:
+            self.scheduler.on_outputs = self._produced
         from transformers import AutoConfig
         self.n_vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         self.n_ctx = n_ctx
         self.max_inflight = cfg.max_num_seqs
         self.stats = EngineStats()
+        gc.callbacks.append(self._on_gc)
+        self._gc_t0 = 0.0
         self._ended: Optional[float] = None              # when the last step that computed ended (this window)
         self.sessions: dict[str, str] = {}            # session id -> engine request id
         self.streams: dict[str, Callable] = {}        # engine request id -> on_tokens(new, finished)
@@ -95,7 +109,20 @@ class VllmEngineBackend(BoardBackend):
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.stats.gc_s += time.perf_counter() - self._gc_t0
+            self.stats.gc_runs[info["generation"]] += 1
+
     # --- engine thread ------------------------------------------------------------------------------
+    def _produced(self, outs: list[tuple[str, list[int], bool]]) -> None:
+        """A step's new tokens per request: rounds resolve, their answers go out now."""
+        for rid, new, finished in outs:
+            self.board.produced(rid, new, finished)
+        self.flush_output()
+
     def _call(self, fn: Callable[[], object]) -> "asyncio.Future":
         """Run fn on the engine thread; the returned future carries its result."""
         loop = asyncio.get_running_loop()
@@ -149,7 +176,8 @@ class VllmEngineBackend(BoardBackend):
                 rid = self._internal.get(out.request_id, out.request_id)
                 new = list(out.outputs[0].token_ids) if out.outputs else []
                 self.stats.tokens += len(new)
-                self.board.produced(rid, new, out.finished)
+                if self.scheduler.on_outputs is None:         # else the scheduler gave them in the step
+                    self.board.produced(rid, new, out.finished)
                 on_tokens = self.streams.get(rid)
                 if on_tokens is not None:
                     on_tokens(new, out.finished)
@@ -160,6 +188,7 @@ class VllmEngineBackend(BoardBackend):
                     if slot is not None and slot.kind != "edge":
                         self.board.close(rid)
             self.flush_output()
+            self.stats.post_s += time.perf_counter() - t0 - took
 
     def _add(self, slot_kind: str, prompt: list[int], sampling, max_tokens: int, salt: str, prio: int,
              rtt_ms=None, plan=None, on_tokens=None) -> str:
@@ -236,7 +265,7 @@ class VllmEngineBackend(BoardBackend):
     async def engine_stats(self) -> dict:
         """Engine-step counters since the last call; starts new ones."""
         total = self.scheduler.schedule_s
-        st = self.stats.as_dict(total)
+        st = self.stats.as_dict(total, self.board.take_cycles())
         self.stats = EngineStats(schedule_s_at_start=total)
         self._ended = None                  # a new window: the pause before its first step is not idle
         return st

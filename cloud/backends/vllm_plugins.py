@@ -4,7 +4,9 @@
   is decoding asks the DraftBoard what to do: park (its draft is still on the wire: not stepped, KV
   stays resident), step with the edge's spec tokens, or (not ours) leave it alone. Running requests
   are ordered by the same health-factor key as the admission queue (healthiest and longest-waiting
-  first), which decides who gets the token budget when it binds.
+  first), which decides who gets the token budget when it binds. After vLLM's update_from_output
+  (tokens appended, stops checked) it hands the step's new tokens to the backend (`on_outputs`), so
+  rounds are answered before vLLM's output processing (`cloud.vllm.early_answers`).
 * `BoardProposer` (`speculative_config={"method": "custom_class", ...}`): vLLM calls its propose()
   in the GPU worker after every step. Edge drafts do not originate there (they arrive over HTTP in
   the front end and enter at the scheduler, which is where the decision to step a request is made),
@@ -32,6 +34,7 @@ class EdgeDraftScheduler(Scheduler):
         self.board = BOARD
         self.last_scheduled_tokens = 0
         self.schedule_s = 0.0        # time spent in schedule() (ours + vLLM's), for the profile
+        self.on_outputs = None       # the backend's early answers: called with each step's outputs
 
     def schedule(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -58,6 +61,15 @@ class EdgeDraftScheduler(Scheduler):
         self.last_scheduled_tokens = out.total_num_scheduled_tokens
         self.schedule_s += time.perf_counter() - t0
         return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """vLLM's own update (new tokens appended, stop conditions checked), then the step's new tokens
+        go to the backend at once, before the engine's output processing: the answers leave earlier."""
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.on_outputs is not None:
+            self.on_outputs([(o.request_id, o.new_token_ids, o.finished) for eco in outputs.values()
+                             for o in eco.outputs])
+        return outputs
 
 
 class BoardProposer:
