@@ -783,6 +783,7 @@ def run_job(args) -> int:
         f"_cpus{args.cloud_cpus}" if args.cloud_cpus else "") + (
         f"_eng{args.engine_cpus.replace(',', '_')}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
         "_ahead" if args.ahead else "") + ("_late" if args.late_answers else "") + (
+        f"_lp{args.light_procs}" if args.light_procs != 8 else "") + (
         "_burn" if args.burn_cpus else "") + (f"_{args.tag}" if args.tag else "")
     t0 = time.time()
     try:

@@ -116,8 +116,12 @@ def test_turnaround_is_measured_from_resolution_to_next_post():
     assert board.slots["r"].turnaround_s is None                 # a first post has no cycle yet
     board.produced("r", [5], finished=False)
     slot = board.slots["r"]
+    slot.resolved_at -= 0.05                                     # resolved 50 ms ago, the next round sent 20 ms ago
     board.post("r", Round(4, [6], slot.resolved_at + 0.03, lambda a, t: got.append((a, t)), got.append), None)
     assert abs(slot.turnaround_s - 0.03) < 1e-9
+    rounds, out_s, read_s = board.take_cycles()                  # the engine statistics' edge cycle and last hop
+    assert rounds == 1 and abs(out_s - 0.03) < 1e-9 and 0.02 <= read_s < 0.5
+    assert board.take_cycles() == (0, 0.0, 0.0)                  # taken: a new window starts
 
 
 def test_sort_key_uses_health_order():
