@@ -296,6 +296,8 @@ class VllmEngineBackend(BoardBackend):
 
     def close(self) -> None:
         self.stop_engine_thread(self._thread, 10)
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
 
 def _dequantized(gguf: Path, cache: str | None) -> Path:
