@@ -91,8 +91,10 @@ class VllmEngineBackend(BoardBackend):
         from vllm import EngineArgs
         self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, cfg, n_ctx, cfg.num_speculative_tokens)))
         self.scheduler = self.engine.engine_core.engine_core.scheduler
-        if cfg.early_answers:
-            self.scheduler.on_outputs = self._produced
+        # the board's tokens come from the scheduler's update_from_output either way: at once (early
+        # answers) or kept until the step has returned, after vLLM's output processing
+        self._late: list[tuple[str, list[int], bool]] = []
+        self.scheduler.on_outputs = self._produced if cfg.early_answers else self._late.extend
         from transformers import AutoConfig
         self.n_vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         self.n_ctx = n_ctx
@@ -172,12 +174,13 @@ class VllmEngineBackend(BoardBackend):
             else:
                 self.stats.idle_steps += 1
                 self.wait_input(0.001)
+            if self._late:
+                self._produced(self._late)
+                self._late.clear()
             for out in outs:
                 rid = self._internal.get(out.request_id, out.request_id)
                 new = list(out.outputs[0].token_ids) if out.outputs else []
                 self.stats.tokens += len(new)
-                if self.scheduler.on_outputs is None:         # else the scheduler gave them in the step
-                    self.board.produced(rid, new, out.finished)
                 on_tokens = self.streams.get(rid)
                 if on_tokens is not None:
                     on_tokens(new, out.finished)

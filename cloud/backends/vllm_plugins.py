@@ -5,8 +5,9 @@
   stays resident), step with the edge's spec tokens, or (not ours) leave it alone. Running requests
   are ordered by the same health-factor key as the admission queue (healthiest and longest-waiting
   first), which decides who gets the token budget when it binds. After vLLM's update_from_output
-  (tokens appended, stops checked) it hands the step's new tokens to the backend (`on_outputs`), so
-  rounds are answered before vLLM's output processing (`cloud.vllm.early_answers`).
+  (tokens appended, stops checked) it hands the step's new tokens to the backend (`on_outputs`): the
+  board's only source of tokens, answered at once, before vLLM's output processing, or after the
+  step (`cloud.vllm.early_answers`).
 * `BoardProposer` (`speculative_config={"method": "custom_class", ...}`): vLLM calls its propose()
   in the GPU worker after every step. Edge drafts do not originate there (they arrive over HTTP in
   the front end and enter at the scheduler, which is where the decision to step a request is made),
