@@ -6,4 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
 python -m pip install -q --disable-pip-version-check -r requirements.txt
+# headless Chromium for the edge's chat-page test (tests/test_web_page.py), from Debian
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 python -m common.assets install

@@ -130,6 +130,9 @@ class EdgeConfig(_Section):
     retry_backoff_s: float = Field(0.2, ge=0)
     rtt_probe_interval_s: float = Field(5.0, gt=0)
     auth_token: Optional[str] = None
+    api_keys: list[str] = Field(default_factory=list)   # edge API keys ("Authorization: Bearer <key>"); empty: open
+    allow_insecure: bool = False             # start_edge.py: serve a non-loopback host without api_keys
+    max_body_bytes: int = Field(1 << 20, ge=1024)       # larger request bodies get 413
     emulated_rtt_ms: float = Field(0.0, ge=0.0)   # experiments: add this delay to every cloud call (half each way)
 
 
