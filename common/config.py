@@ -129,6 +129,10 @@ class EdgeConfig(_Section):
     retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.2, ge=0)
     rtt_probe_interval_s: float = Field(5.0, gt=0)
+    probe_down_interval_s: float = Field(1.0, gt=0)       # /health probes while the cloud is down (edge/link.py)
+    transport: str = Field("ws", pattern="^(ws|http)$")    # verify rounds: one WebSocket (HTTP POST as fallback) | POST only
+    reconnect_max_backoff_s: float = Field(10.0, gt=0)    # cap of the WebSocket's reconnect backoff (doubling)
+    ws_heartbeat_s: float = Field(10.0, gt=0)             # WebSocket ping interval; no pong within half of it: reconnect
     auth_token: Optional[str] = None
     api_keys: list[str] = Field(default_factory=list)   # edge API keys ("Authorization: Bearer <key>"); empty: open
     allow_insecure: bool = False             # start_edge.py: serve a non-loopback host without api_keys
