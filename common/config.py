@@ -77,7 +77,7 @@ class SamplingConfig(_Section):
     top_k: int = Field(0, ge=0)                         # 0: off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1, le=8192)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
 
 
 class VllmConfig(_Section):
@@ -103,6 +103,14 @@ class VllmConfig(_Section):
     max_inflight: int = Field(256, ge=1)     # requests in vLLM at once; the rest wait in our priority queue
 
 
+class ServerLimitsConfig(_Section):
+    """Connection limits of one HTTP server (cloud.limits, edge.limits), applied by common/http_limits.py."""
+    header_timeout_s: float = Field(10.0, gt=0)     # a request line + headers must arrive within this, else closed
+    keepalive_timeout_s: float = Field(60.0, gt=0)  # an idle keep-alive connection is closed after this
+    body_timeout_s: float = Field(30.0, gt=0)       # a request body must arrive within this, else 408
+    max_connections: int = Field(1024, ge=1)        # more open connections at once get 503 and are closed
+
+
 class CloudConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -115,6 +123,10 @@ class CloudConfig(_Section):
     max_body_bytes: int = Field(4 << 20, ge=1024)
     priority_aging_per_s: float = Field(1000.0, ge=0.0)  # priority units a waiting request gains per second
     auth_token: Optional[str] = None         # when set, requests need "Authorization: Bearer <token>"
+    metrics_token: Optional[str] = None      # also opens /stats, /metrics and /health's details (not /v1/*)
+    allow_insecure: bool = False             # start_cloud.py: serve a non-loopback host without auth_token
+    max_sessions_per_client: Optional[int] = Field(None, ge=1)   # per client address; its own oldest go first
+    limits: ServerLimitsConfig = ServerLimitsConfig()
     torch_device: str = "cpu"
     torch_dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
     vllm: VllmConfig = VllmConfig()
@@ -134,6 +146,7 @@ class EdgeConfig(_Section):
     reconnect_max_backoff_s: float = Field(10.0, gt=0)    # cap of the WebSocket's reconnect backoff (doubling)
     ws_heartbeat_s: float = Field(10.0, gt=0)             # WebSocket ping interval; no pong within half of it: reconnect
     auth_token: Optional[str] = None
+    limits: ServerLimitsConfig = ServerLimitsConfig()   # the edge API's connection limits (common/http_limits.py)
     api_keys: list[str] = Field(default_factory=list)   # edge API keys ("Authorization: Bearer <key>"); empty: open
     allow_insecure: bool = False             # start_edge.py: serve a non-loopback host without api_keys
     max_body_bytes: int = Field(1 << 20, ge=1024)       # larger request bodies get 413
