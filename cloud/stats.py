@@ -22,6 +22,8 @@ class CloudStats:
         self.computed_tokens = 0    # tokens the target evaluated
         self.replayed = 0           # retried rounds answered from the stored result
         self.resyncs = 0            # 409s asking the edge to resend its context
+        self.late_rounds = 0        # late duplicates refused with 409 (older than the session's last round, not kept)
+        self.evicted = 0            # sessions forgotten: expired (session_ttl_s) or evicted for a new one
         self.ahead_posted = 0       # draft-ahead rounds handed to the engine while the round before was in flight
         self.stale_rounds = 0       # draft-ahead rounds answered 412: the round before ended otherwise
         self.latency_ms: deque[float] = deque(maxlen=window)
@@ -73,7 +75,8 @@ class CloudStats:
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
             "cache": {"cached_tokens": self.cached_tokens, "computed_tokens": self.computed_tokens,
                       "hit_rate": round(self.cached_tokens / seen, 4) if seen else None,
-                      "replayed_rounds": self.replayed, "resyncs": self.resyncs},
+                      "replayed_rounds": self.replayed, "resyncs": self.resyncs, "late_rounds": self.late_rounds},
+            "evicted_sessions": self.evicted,
             "draft_ahead": {"posted_early": self.ahead_posted, "stale": self.stale_rounds},
             **(extra or {}),
         }

@@ -1,4 +1,11 @@
-"""Sessions and verify rounds on top of a backend: validation, idempotent replay, admission, stats."""
+"""Sessions and verify rounds on top of a backend: validation, idempotent replay, admission, stats.
+
+A round is checked in full (draft length, every token id against the vocabulary, the context
+window) before its session is looked up or created, so bad input never creates, evicts or changes
+a session. Sessions are evicted least recently used first, but never one with a round in flight
+(`busy`); with cloud.max_sessions_per_client a client at its cap evicts its own oldest session.
+Late duplicates (a round older than the session's last one) are replayed from the last
+REPLAY_ROUNDS answers or refused with 409, never recomputed (common/protocol.py says why)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +20,7 @@ from cloud.acceptance import accept_draft, next_token
 from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.stats import CloudStats
 from common.config import CloudConfig, Switches
-from common.protocol import GenerateRequest, Timing, VerifyRequest, VerifyResponse
+from common.protocol import REPLAY_ROUNDS, GenerateRequest, Timing, VerifyRequest, VerifyResponse
 from common.scheduling import AdmissionQueue, priority
 
 
@@ -32,15 +39,27 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.extra = status, message, field, extra
 
 
+def _fingerprint(req: VerifyRequest) -> tuple:
+    """What makes a repeated seq the same round (a retry) rather than a different one."""
+    return req.base_len, tuple(req.append), tuple(req.draft), req.guess
+
+
 @dataclass
 class Session:
     tokens: list[int] = field(default_factory=list)    # committed context (prompt + output so far)
     last_seq: int = -1
-    last_response: Optional[VerifyResponse] = None
+    answers: OrderedDict = field(default_factory=OrderedDict)   # seq -> (fingerprint, VerifyResponse), last REPLAY_ROUNDS
     rng: Optional[np.random.Generator] = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     touched: float = field(default_factory=time.monotonic)
     inflight: Optional[tuple[int, list[int], list[int]]] = None   # (seq, context, draft) of the round being verified
+    busy: int = 0                      # rounds of this session inside verify() (in flight or waiting): not evictable
+    client: Optional[str] = None       # the address that started it (cloud.max_sessions_per_client)
+
+    def remember(self, seq: int, fingerprint: tuple, resp: VerifyResponse) -> None:
+        self.answers[seq] = (fingerprint, resp)
+        while len(self.answers) > REPLAY_ROUNDS:
+            self.answers.popitem(last=False)
 
 
 class Verifier:
@@ -54,25 +73,49 @@ class Verifier:
             backend.set_order(self.queue.key)   # the engine's scheduler orders sessions by the same key
 
     # --- sessions ------------------------------------------------------------------------------
-    def _session(self, sid: str, create: bool) -> Optional[Session]:
+    def _session(self, sid: str, create: bool, client: Optional[str] = None) -> Optional[Session]:
         now = time.monotonic()
         while self.sessions:                 # least recently used first: expire from the front, O(1) per round
             oldest, s = next(iter(self.sessions.items()))
             if now - s.touched <= self.cfg.session_ttl_s:
                 break
+            if s.busy:                       # a round in flight keeps it (touched again when it ends)
+                s.touched = now
+                self.sessions.move_to_end(oldest)
+                continue
             self._forget(oldest)
         s = self.sessions.get(sid)
         if s is None and create:
-            s = self.sessions[sid] = Session()
-            while len(self.sessions) > self.cfg.max_sessions:
-                self._forget(next(iter(self.sessions)))
+            self._make_room(client)
+            s = self.sessions[sid] = Session(client=client)
         if s is not None:
             s.touched = now
             self.sessions.move_to_end(sid)
         return s
 
+    def _make_room(self, client: Optional[str]) -> None:
+        """Evict for one new session: the client's own oldest idle session when it is at its cap, else
+        the least recently used idle session when the table is full. A session with a round in flight
+        is never evicted; when there is none to evict, the new session is refused (429 / 503)."""
+        cap = self.cfg.max_sessions_per_client
+        if cap is not None and client is not None:
+            mine = [sid for sid, s in self.sessions.items() if s.client == client]
+            if len(mine) >= cap:
+                victim = next((sid for sid in mine if not self.sessions[sid].busy), None)
+                if victim is None:
+                    raise ApiError(429, f"this client holds {cap} sessions (max_sessions_per_client), each with a "
+                                   "round in flight: retry when one ends", "session_id", retry_after_s=1)
+                self._forget(victim)
+        while len(self.sessions) >= self.cfg.max_sessions:
+            victim = next((sid for sid, s in self.sessions.items() if not s.busy), None)
+            if victim is None:
+                raise ApiError(503, f"all {self.cfg.max_sessions} sessions (max_sessions) have a round in flight: "
+                               "retry shortly", "session_id", retry_after_s=1)
+            self._forget(victim)
+
     def _forget(self, sid: str) -> None:
         self.sessions.pop(sid, None)
+        self.stats.evicted += 1
         self.backend.expire(sid)
 
     def drop(self, sid: str) -> bool:
@@ -90,6 +133,31 @@ class Verifier:
         if n > self.backend.n_ctx:
             raise ApiError(413, f"context of {n} tokens exceeds the target's window of {self.backend.n_ctx}", "append")
 
+    def _check_round(self, req: VerifyRequest) -> None:
+        """Everything about a round that needs no session: draft length, token ids, the window
+        (base_len + append + draft is the context the round verifies if the session is in sync)."""
+        if len(req.draft) > self.cfg.max_draft:
+            raise ApiError(413, f"draft of {len(req.draft)} tokens exceeds max_draft {self.cfg.max_draft}", "draft")
+        self._check_tokens("append", req.append)
+        self._check_tokens("draft", req.draft)
+        if req.guess is not None:
+            self._check_tokens("guess", [req.guess])
+        for i, dist in enumerate(req.draft_dists or ()):
+            self._check_tokens(f"draft_dists.{i}.ids", dist.ids)
+        self._check_context(req.base_len + len(req.append) + len(req.draft))
+
+    def _late(self, s: Session, req: VerifyRequest) -> VerifyResponse:
+        """A round at or before the session's last one: its stored answer if it is a retry of a round
+        still remembered, else 409 with the current state. The session is not touched either way."""
+        kept = s.answers.get(req.seq)
+        if kept is not None and kept[0] == _fingerprint(req):
+            self.stats.replayed += 1            # a retry: same answer, nothing recomputed
+            return kept[1]
+        self.stats.late_rounds += 1
+        raise ApiError(409, f"round {req.seq} is a late duplicate: the session is at round {s.last_seq} with "
+                       f"{len(s.tokens)} tokens; an older round never changes it", "seq",
+                       committed_len=len(s.tokens), last_seq=s.last_seq)
+
     async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms):
         t0 = time.perf_counter()
         async with self.queue.slot(rtt_ms):
@@ -99,24 +167,31 @@ class Verifier:
         return logits, cached, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     # --- verify --------------------------------------------------------------------------------
-    async def verify(self, req: VerifyRequest) -> VerifyResponse:
+    async def verify(self, req: VerifyRequest, client: Optional[str] = None) -> VerifyResponse:
+        """One round. `client`: the caller's address (for cloud.max_sessions_per_client)."""
         t0 = time.perf_counter()
         self.stats.requests += 1
-        if len(req.draft) > self.cfg.max_draft:
-            raise ApiError(413, f"draft of {len(req.draft)} tokens exceeds max_draft {self.cfg.max_draft}", "draft")
-        self._check_tokens("append", req.append)
-        self._check_tokens("draft", req.draft)
-        s = self._session(req.session_id, create=req.base_len == 0)
+        self._check_round(req)                  # bad input: refused before any session is created or changed
+        s = self._session(req.session_id, create=req.base_len == 0, client=client)
         if s is None:
             self.stats.resyncs += 1
             raise ApiError(409, "unknown session: resend the whole context with base_len=0", "base_len", committed_len=0)
+        s.busy += 1
+        try:
+            return await self._verify_in(s, req, t0)
+        finally:
+            s.busy -= 1
+            s.touched = time.monotonic()
+
+    async def _verify_in(self, s: Session, req: VerifyRequest, t0: float) -> VerifyResponse:
         ahead = self._post_ahead(s, req) if req.guess is not None else None
         async with s.lock:
-            if req.seq == s.last_seq and s.last_response is not None and ahead is None:
-                self.stats.replayed += 1            # a retry: same answer, nothing recomputed
-                return s.last_response
-            if req.base_len == 0:
-                s.tokens, s.last_seq = [], req.seq - 1
+            if req.seq <= s.last_seq:           # a retry or a late duplicate: never recomputed
+                try:
+                    return self._late(s, req)
+                finally:
+                    await _settled(ahead)
+            restart = req.base_len == 0         # a new session, or a re-sync of this one (seq above its last)
             if req.guess is not None and (req.seq != s.last_seq + 1 or req.base_len != len(s.tokens)
                                           or s.tokens[-1:] != [req.guess]):
                 await _settled(ahead)               # stale on the engine too: it saw the same outcome
@@ -124,13 +199,12 @@ class Verifier:
                 raise ApiError(412, "draft-ahead round: the round before it did not accept its whole draft with "
                                "`guess` as its next token; nothing was verified", "guess",
                                committed_len=len(s.tokens), last_seq=s.last_seq)
-            if req.seq != s.last_seq + 1 or req.base_len != len(s.tokens):
+            if not restart and (req.seq != s.last_seq + 1 or req.base_len != len(s.tokens)):
                 self.stats.resyncs += 1
                 raise ApiError(409, f"out of sync: cloud holds {len(s.tokens)} tokens after round {s.last_seq}",
                                "seq", committed_len=len(s.tokens), last_seq=s.last_seq)
-            context = s.tokens + req.append
-            self._check_context(len(context) + len(req.draft))
-            if s.rng is None or req.base_len == 0:
+            context = list(req.append) if restart else s.tokens + req.append
+            if s.rng is None or restart:
                 s.rng = np.random.default_rng(req.sampling.seed)
             s.inflight = (req.seq, context, req.draft)
             try:
@@ -140,11 +214,14 @@ class Verifier:
             s.tokens = context + req.draft[:n] + [tok]
             s.last_seq = req.seq
             server_ms = (time.perf_counter() - t0) * 1e3
-            s.last_response = VerifyResponse(
+            resp = VerifyResponse(
                 session_id=req.session_id, seq=req.seq, accepted=n, next_token=tok, committed_len=len(s.tokens),
                 timing=Timing(queue_ms=round(queue_ms, 3), compute_ms=round(compute_ms, 3), server_ms=round(server_ms, 3)))
+            if restart:
+                s.answers.clear()               # answers of the old context are no retries of this one
+            s.remember(req.seq, _fingerprint(req), resp)
             self.stats.round(len(req.draft), n, cached, len(context) + len(req.draft) - cached, server_ms, queue_ms)
-            return s.last_response
+            return resp
 
     def _post_ahead(self, s: Session, req: VerifyRequest):
         """Draft-ahead: a round sent while the one before it is in flight goes to a verifying engine now,

@@ -7,6 +7,20 @@ or the whole context when re-syncing after a 409) and the draft. The cloud answe
 tokens it accepted and the target's next token (the correction, or the bonus when all were accepted).
 A repeated (session_id, seq) returns the stored result: rounds are idempotent, so retries are safe.
 
+Late duplicates: a round older than the session's last one never changes the session. The cloud
+keeps the answers of the session's last REPLAY_ROUNDS rounds; a repeat of one of them (same seq,
+base_len, append and draft) gets that stored answer again, and anything else older than the last
+round gets 409 with the current state (committed_len, last_seq). Why replay rather than always 409:
+a duplicate is a retry whose first answer was lost (a timed-out POST, a dropped connection), and
+the answer it gets must be the one the round really had, not a refusal that would make the edge
+re-sync a session that is fine; why not recompute: that would rewind the session to that round.
+`base_len` 0 starts a session, or restarts one (a re-sync after 409), only with a `seq` above the
+session's last round: a `base_len` 0 round with seq <= last seq is a late duplicate of an old start.
+
+Bad input is refused before any model work and before a session is created or changed: 400
+(malformed JSON), 415 (not application/json UTF-8), 422 (fields, token ids outside the vocabulary,
+also inside draft_dists), 413 (context over the window, draft over max_draft, body too large).
+
 Draft-ahead: while round seq-1 is on the wire the edge may already send round seq, drafted after
 that round's whole draft and `guess`, its guess of the cloud's next token (base_len counts them, append
 is empty). It is verified only if round seq-1 accepts its whole draft and its next token is `guess`;
@@ -23,20 +37,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PROTOCOL_VERSION = 1
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]   # llama.cpp's int32 token ids; checked against n_vocab too
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]       # numpy's default_rng needs >= 0; 64-bit for engines
+REPLAY_ROUNDS = 8                                        # answers kept per session for late duplicates
 SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
 class _Message(BaseModel):
-    # strict: no "5" -> 5 or 1 -> True coercion; extra: unknown fields are an error
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: no "5" -> 5 or 1 -> True coercion; extra: unknown fields are an error; no inf/NaN floats
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SamplingParams(_Message):
     temperature: float = Field(0.0, ge=0.0, le=10.0)   # 0: greedy
     top_k: int = Field(0, ge=0)                          # 0: off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
 
     @property
     def greedy(self) -> bool:
@@ -61,8 +77,8 @@ class DraftDist(_Message):
 
 class VerifyRequest(_Message):
     session_id: SessionId
-    seq: int = Field(ge=0)
-    base_len: int = Field(ge=0)                # committed tokens the edge believes the cloud holds
+    seq: int = Field(ge=0, le=2**63 - 1)
+    base_len: int = Field(ge=0, le=2**31 - 1)  # committed tokens the edge believes the cloud holds
     append: list[TokenId] = Field(default_factory=list)   # committed tokens the cloud lacks
     draft: list[TokenId] = Field(min_length=1)            # upper bound checked against cloud.max_draft
     draft_dists: Optional[list[DraftDist]] = None          # required iff sampling (temperature > 0)
@@ -115,10 +131,12 @@ class GenerateRequest(_Message):
 
 
 class GenerateChunk(_Message):
-    """One NDJSON line of /v1/generate: tokens as they are produced, then a final line with done=True."""
+    """One NDJSON line of /v1/generate: tokens as they are produced, then a final line with done=True
+    (and `error` when the generation failed after the stream had started)."""
     token_ids: list[TokenId] = Field(default_factory=list)
     done: bool = False
     timing: Optional[Timing] = None
+    error: Optional[str] = None
 
 
 class ErrorResponse(_Message):
