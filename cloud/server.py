@@ -1,9 +1,17 @@
 """The cloud's aiohttp app: POST /v1/verify, GET /v1/ws (verify rounds over one WebSocket),
-POST /v1/generate, DELETE /v1/sessions/{id}, GET /health, GET /stats, GET /metrics. Bad input gets a
-JSON {"error", "field"} with 400/401/409/412/413/422 (over the WebSocket: the same, plus "status")."""
+POST /v1/generate, DELETE /v1/sessions/{id}, GET /health, GET /stats, GET /metrics. Every error is
+JSON {"error", "field"?}: 400/401/404/405/408/409/412/413/415/422/429/503 (over the WebSocket: the
+same, plus "status"); bodies and frames go through common/jsonbody.py, so no input reaches a 500.
+
+Access (cloud.auth_token; cloud.metrics_token): with auth_token set, /v1/* needs
+"Authorization: Bearer <auth_token>"; /stats and /metrics need auth_token or metrics_token (either
+set closes them); GET /health stays open as a liveness probe ({"status": "ok", "auth_required":
+true}) and gives its details (backend, window, sessions, pid) only to a valid token. Tokens are
+compared in constant time. Connections are bounded by cloud.limits (common/http_limits.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -13,13 +21,18 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from cloud.verifier import ApiError, Verifier
+from common.auth import bearer_matches
 from common.config import TandemConfig
+from common.http_limits import read_body, start_site
+from common.jsonbody import BadBody, check_content_type, parse_json_object
 from common.protocol import (PROTOCOL_VERSION, ErrorResponse, GenerateChunk, GenerateRequest, Timing,
                              VerifyRequest, validation_message)
 
 log = logging.getLogger("tandem.cloud")
 VERIFIER = web.AppKey("verifier", Verifier)
 CONFIG = web.AppKey("config", TandemConfig)
+MONITORING = ("/stats", "/metrics")
+WS_ROUNDS_IN_FLIGHT = 256      # per WebSocket: past this the socket is not read until a round ends
 
 
 def error_body(verifier: Verifier, status: int, message: str, field: str | None = None, **extra) -> dict:
@@ -28,27 +41,35 @@ def error_body(verifier: Verifier, status: int, message: str, field: str | None 
     return ErrorResponse(error=message, field=field).model_dump(exclude_none=True) | extra
 
 
-def error_response(verifier: Verifier, status: int, message: str, field: str | None = None, **extra) -> web.Response:
-    return web.json_response(error_body(verifier, status, message, field, **extra), status=status)
+def error_response(verifier: Verifier, status: int, message: str, field: str | None = None,
+                   headers: dict | None = None, **extra) -> web.Response:
+    headers = dict(headers or {})
+    if "retry_after_s" in extra:
+        headers["Retry-After"] = str(extra["retry_after_s"])
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    resp = web.json_response(error_body(verifier, status, message, field, **extra), status=status, headers=headers)
+    if status == 408:
+        resp.force_close()               # the rest of a late body is not worth waiting for
+    return resp
 
 
 async def _parse(request: web.Request, model):
-    if request.content_type != "application/json":
-        raise ApiError(415, f"expected Content-Type application/json, got '{request.content_type}'")
+    cfg = request.app[CONFIG].cloud
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"body exceeds {request.app[CONFIG].cloud.max_body_bytes} bytes") from None
-    return _validate(raw, model)
+        check_content_type(request.content_type, request.charset)     # before reading the body
+        raw = await read_body(request, cfg.limits, cfg.max_body_bytes)
+    except BadBody as e:
+        raise ApiError(e.status, e.message) from None
+    return _validate(raw, model, request.content_type, request.charset)
 
 
-def _validate(raw, model):
+def _validate(raw, model, content_type: str | None = "application/json", charset: str | None = None):
+    """A typed message from a body (bytes) or a WebSocket text frame (str); ApiError 400/415/422."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
+        data = parse_json_object(raw, content_type, charset)
+    except BadBody as e:
+        raise ApiError(e.status, e.message) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -56,11 +77,23 @@ def _validate(raw, model):
         raise ApiError(422, message, field) from None
 
 
+def _authorized(request: web.Request, *tokens) -> bool:
+    """Whether the request carries one of the configured tokens (True when none is configured)."""
+    tokens = [t for t in tokens if t]
+    return not tokens or bearer_matches(request.headers.get("Authorization"), tokens)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     verifier = request.app[VERIFIER]
-    token = request.app[CONFIG].cloud.auth_token
-    if token and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {token}":
+    cfg = request.app[CONFIG].cloud
+    if request.path.startswith("/v1/"):
+        allowed = _authorized(request, cfg.auth_token)
+    elif request.path in MONITORING:
+        allowed = _authorized(request, cfg.auth_token, cfg.metrics_token)
+    else:                                 # /health (open: its details are decided there), 404s
+        allowed = True
+    if not allowed:
         return error_response(verifier, 401, "missing or wrong bearer token")
     try:
         return await handler(request)
@@ -68,7 +101,9 @@ async def errors_middleware(request: web.Request, handler):
         return error_response(verifier, e.status, e.message, e.field, **e.extra)
     except web.HTTPException as e:
         if e.status >= 400:
-            return error_response(verifier, e.status, e.reason)
+            allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            return error_response(verifier, e.status, f"{e.reason}: {request.method} {request.path}"
+                                  if e.status in (404, 405) else e.reason, headers=allow)
         raise
     except Exception as e:  # a bug or backend failure: report it, keep serving
         log.exception("internal error on %s", request.path)
@@ -77,7 +112,7 @@ async def errors_middleware(request: web.Request, handler):
 
 async def verify(request: web.Request) -> web.Response:
     req = await _parse(request, VerifyRequest)
-    resp = await request.app[VERIFIER].verify(req)
+    resp = await request.app[VERIFIER].verify(req, client=request.remote)
     return web.json_response(text=resp.model_dump_json())
 
 
@@ -92,13 +127,14 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].cloud.max_body_bytes)
     await ws.prepare(request)
     rounds: set[asyncio.Task] = set()
+    client = request.remote
 
     async def one(raw) -> None:
         ids = {}
         try:
             req = _validate(raw, VerifyRequest)
             ids = {"session_id": req.session_id, "seq": req.seq}
-            answer = (await verifier.verify(req)).model_dump_json()
+            answer = (await verifier.verify(req, client=client)).model_dump_json()
         except ApiError as e:
             answer = json.dumps(error_body(verifier, e.status, e.message, e.field, **ids, **e.extra) | {"status": e.status})
         except Exception as e:  # a bug or backend failure: report it, keep serving
@@ -109,6 +145,8 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
 
     async for msg in ws:
         if msg.type == web.WSMsgType.TEXT:
+            if len(rounds) >= WS_ROUNDS_IN_FLIGHT:           # back-pressure: stop reading until one ends
+                await asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(one(msg.data))
             rounds.add(task)
             task.add_done_callback(rounds.discard)
@@ -118,22 +156,35 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
+    """NDJSON: one line per token, then {"done": true, "timing"}; a failure after the stream started
+    ends it with {"done": true, "error": ...} (the status line already said 200). A client that
+    leaves stops the generation."""
     req = await _parse(request, GenerateRequest)
     verifier = request.app[VERIFIER]
-    stream = verifier.generate(req)
-    first = await anext(stream, None)    # validation errors surface before the stream starts
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    t0, total = time.perf_counter(), Timing()
-    while first is not None:
-        tok, timing = first
-        total.queue_ms += timing.queue_ms
-        total.compute_ms += timing.compute_ms
-        await resp.write(GenerateChunk(token_ids=[tok]).model_dump_json().encode() + b"\n")
-        first = await anext(stream, None)
-    total.server_ms = round((time.perf_counter() - t0) * 1e3, 3)
-    await resp.write(GenerateChunk(done=True, timing=total).model_dump_json().encode() + b"\n")
-    await resp.write_eof()
+    async with contextlib.aclosing(verifier.generate(req)) as stream:
+        first = await anext(stream, None)    # validation errors surface before the stream starts
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        t0, total, error = time.perf_counter(), Timing(), None
+        try:
+            while first is not None:
+                tok, timing = first
+                total.queue_ms += timing.queue_ms
+                total.compute_ms += timing.compute_ms
+                await resp.write(GenerateChunk(token_ids=[tok]).model_dump_json(exclude_none=True).encode() + b"\n")
+                first = await anext(stream, None)
+        except ConnectionError:              # the client is gone: no more tokens for nobody
+            return resp
+        except Exception as e:  # a backend failure mid-stream: say so in the last line
+            log.exception("internal error in a /v1/generate stream")
+            error = error_body(verifier, 500, f"internal error: {type(e).__name__}: {e}")["error"]
+        total.server_ms = round((time.perf_counter() - t0) * 1e3, 3)
+        try:
+            await resp.write(GenerateChunk(done=True, timing=total, error=error).model_dump_json(
+                exclude_none=True).encode() + b"\n")
+            await resp.write_eof()
+        except ConnectionError:
+            pass
     return resp
 
 
@@ -143,6 +194,12 @@ async def drop_session(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness for anyone; the details only for a valid token (or when the cloud has none)."""
+    cfg = request.app[CONFIG].cloud
+    if not _authorized(request, cfg.auth_token, cfg.metrics_token):
+        if request.headers.get("Authorization") is not None:     # a wrong token is an error, not a probe
+            return error_response(request.app[VERIFIER], 401, "missing or wrong bearer token")
+        return web.json_response({"status": "ok", "auth_required": True})
     v = request.app[VERIFIER]
     return web.json_response({"status": "ok", "protocol": PROTOCOL_VERSION, "backend": v.backend.name,
                               "n_vocab": v.backend.n_vocab, "n_ctx": v.backend.n_ctx,
@@ -176,12 +233,6 @@ def make_app(verifier: Verifier, cfg: TandemConfig) -> web.Application:
 
 async def start_cloud(verifier: Verifier, cfg: TandemConfig, host: str, port: int,
                       reuse_port: bool = False) -> tuple[web.AppRunner, str]:
-    """Start serving on host:port (port 0 = any free port); returns the runner and the base URL.
-    reuse_port: other processes may serve the same port (SO_REUSEPORT; cloud/frontends.py)."""
-    runner = web.AppRunner(make_app(verifier, cfg), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-    await site.start()
-    sock = site._server.sockets[0]
-    bound_host, bound_port = sock.getsockname()[:2]
-    return runner, f"http://{bound_host}:{bound_port}"
+    """Start serving on host:port (port 0 = any free port) under cloud.limits; returns the runner and
+    the base URL. reuse_port: other processes may serve the same port (SO_REUSEPORT; cloud/frontends.py)."""
+    return await start_site(make_app(verifier, cfg), host, port, cfg.cloud.limits, reuse_port=reuse_port)
