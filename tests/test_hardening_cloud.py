@@ -282,16 +282,16 @@ def test_slow_headers_are_closed_within_the_header_timeout():
         r, w = await asyncio.open_connection(host, port)
         w.write(b"GET /health HTTP/1.1\r\n")
         took = await _closed_after(r, w, feed=[b"X-Slow-%d: 1\r\n" % i for i in range(100)])
-        assert 0.9 <= took < 2.5, took
+        assert 0.9 <= took < 4.0, took
         # only the request line
         r, w = await asyncio.open_connection(host, port)
         w.write(b"POST /v1/verify HTTP/1.1\r\n")
         took = await _closed_after(r, w)
-        assert 0.9 <= took < 2.5, took
+        assert 0.9 <= took < 4.0, took
         # connected, nothing sent
         r, w = await asyncio.open_connection(host, port)
         took = await _closed_after(r, w)
-        assert 0.9 <= took < 2.5, took
+        assert 0.9 <= took < 4.0, took
         async with http.get(url + "/health") as resp:          # ordinary requests are unaffected
             assert resp.status == 200
     run_raw(body, header_timeout_s=1.0, keepalive_timeout_s=30.0)
@@ -305,7 +305,7 @@ def test_idle_keepalive_connections_are_closed():
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
         took = await _closed_after(r, w)
-        assert 0.9 <= took < 2.5, took
+        assert 0.9 <= took < 4.0, took
     run_raw(body, header_timeout_s=10.0, keepalive_timeout_s=1.0)
 
 
@@ -316,7 +316,7 @@ def test_slow_body_gets_408():
         await w.drain()
         t0 = time.monotonic()
         raw = await asyncio.wait_for(r.read(), 10)                 # the 408, then closed (no lingering)
-        assert raw.startswith(b"HTTP/1.1 408") and b"did not arrive" in raw and time.monotonic() - t0 < 2.5
+        assert raw.startswith(b"HTTP/1.1 408") and b"did not arrive" in raw and time.monotonic() - t0 < 4.0
         w.close()
         assert not v.sessions
     run_raw(body, body_timeout_s=1.0)
