@@ -1,17 +1,20 @@
-"""Prompt sets (HumanEval, MT-Bench first turns) and the Qwen2.5 chat template.
+"""Prompt sets (HumanEval, MT-Bench first turns) and `chat()`: a user message through a model's own
+chat template (by default the built-in draft model's, read from its GGUF).
 
 Split: every 4th prompt (index % 4 == 3) is held out: tuning scripts (thresholds, weights) use
 split="tune", reports of tuned settings use split="heldout". "all" is everything.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from dataclasses import dataclass
+from typing import Optional
 
-from common.assets import humaneval_file, mtbench_file
-
-SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+from common.assets import humaneval_file, model_path, mtbench_file
+from common.chat_template import ChatTemplate
+from common.config import ModelsConfig
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,20 @@ class Prompt:
     text: str
 
 
-def chat(user: str, system: str = SYSTEM) -> str:
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+@functools.cache
+def builtin_template() -> ChatTemplate:
+    """The default draft model's template (both built-in models share it), read once from its GGUF."""
+    defaults = ModelsConfig()
+    return ChatTemplate.from_gguf(model_path(defaults.draft, defaults.cache_dir))
+
+
+def chat(user: str, system: Optional[str] = None, template: Optional[ChatTemplate] = None) -> str:
+    """The prompt text of one user message: what the template makes of it. No system prompt unless
+    given: a template that has a default inserts it (Qwen2.5: "You are Qwen, created by Alibaba
+    Cloud. You are a helpful assistant."), as llama-server and transformers do."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": user}]
+    return (template or builtin_template()).render(messages)
 
 
 def _split(items: list[Prompt], split: str) -> list[Prompt]:
