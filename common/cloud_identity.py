@@ -1,0 +1,51 @@
+"""Is this URL a Tandem cloud? Checked once before anything loads, so that a typo, a missing http:// or
+an edge's address gives one clear line instead of a JSON decode error later."""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from common.config import ConfigError
+from common.errors import CloudError, CloudUnavailable
+
+IDENTITY_KEYS = ("protocol", "backend")     # what a Tandem cloud's /health carries and an edge's does not
+
+
+def check_cloud_url(url: str) -> str:
+    """The URL without a trailing slash; ConfigError unless it is http(s)://host[:port][/path]."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"cloud URL '{url}' must look like http://HOST:PORT (e.g. http://127.0.0.1:8080)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"cloud URL '{url}' has a bad port") from None
+    return url.rstrip("/")
+
+
+async def identify_cloud(url: str, auth_token: Optional[str] = None, timeout_s: float = 5.0) -> dict:
+    """GET {url}/health; return it if it is a Tandem cloud's. CloudUnavailable when nothing answers,
+    CloudError when it refuses (401), ConfigError when something else answers (an edge, a web server)."""
+    url = check_cloud_url(url)
+    headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            async with http.get(url + "/health", headers=headers) as r:
+                status, ctype = r.status, r.content_type
+                try:
+                    body = await r.json(content_type=None)
+                except ValueError:
+                    body = None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise CloudUnavailable(f"cloud at {url} unreachable: {type(e).__name__}: {e}") from None
+    if status == 401:
+        raise CloudError(401, body if isinstance(body, dict) else {"error": "unauthorized"})
+    if status != 200 or not isinstance(body, dict) or not all(k in body for k in IDENTITY_KEYS):
+        hint = " (it looks like a Tandem edge: give the cloud's URL, started by start_cloud.py)" \
+            if isinstance(body, dict) and "draft_model" in body else ""
+        raise ConfigError(f"{url} is not a Tandem cloud: its /health answered {status} {ctype} without "
+                          f"{' and '.join(repr(k) for k in IDENTITY_KEYS)}{hint}")
+    return body
