@@ -15,7 +15,8 @@ The convention vLLM and llama-server serve, so an unmodified OpenAI client works
 Tandem's additions, ignored by OpenAI clients:
   "mode": "edge_cloud" | "edge_only" | "cloud_only" in a request picks the generation mode (default: config).
   `tandem` in a response and in the last chunk: the generation's figures (mode, rounds, drafted, accepted,
-  mean_accepted_length (tau), tokens_by_source, rtt_ms, fallbacks, ttft_ms, ...). Each content chunk
+  mean_accepted_length (tau), tokens_by_source, rtt_ms, fallbacks, ttft_ms, ...); a whole response's
+  also lists its token_ids and their sources. Each content chunk
   also has `tandem: {"token_ids", "sources", "texts"}`: its tokens, where each came from ("draft": drafted
   and accepted by the target, "target": the target's own token, "edge": the draft model alone) and each
   one's text (the chunk's content is their concatenation).
@@ -261,17 +262,18 @@ class _Shape:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, gen: Generation, text: str) -> dict:
+    def response(self, gen: Generation, spans: list[Span]) -> dict:
+        text = "".join(s.text for s in spans)
+        toks = [s for s in spans if s.token_id is not None]
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": gen.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
-        out = {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-               "usage": gen.usage, "tandem": gen.stats}
-        if gen.error:
-            out["tandem"] = {**gen.stats, "error": gen.error}
-        return out
+        tandem = {**gen.stats, "error": gen.error, "token_ids": [s.token_id for s in toks],
+                  "sources": [s.source for s in toks]}
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+                "usage": gen.usage, "tandem": tandem}
 
     def chunk(self, text: Optional[str], finish_reason: Optional[str] = None, role: bool = False) -> dict:
         if self.chat:
@@ -303,16 +305,14 @@ async def _respond(request: web.Request, gen: Generation, req: _Request, shape: 
     state = {"resp": None}
 
     async def whole() -> web.Response:
-        parts: list[str] = []
+        answer: list[Span] = []
         async with aclosing(gen.spans()) as it:
-            first = await _first(gen, it)
-            for spans in ([first] if first is not None else []):
-                parts += [s.text for s in spans]
+            answer += await _first(gen, it) or []
             async for spans in it:
-                parts += [s.text for s in spans]
+                answer += spans
         if gen.error and not gen.completion_tokens:
             raise ApiError(502, f"the generation failed: {gen.error}", code="generation_failed")
-        return web.json_response(shape.response(gen, "".join(parts)))
+        return web.json_response(shape.response(gen, answer))
 
     async def stream() -> web.StreamResponse:
         async with aclosing(gen.spans()) as it:

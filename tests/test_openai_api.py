@@ -196,6 +196,7 @@ def test_chat_completion_shape_usage_and_tandem_figures():
     t = out["tandem"]
     assert t["mode"] == "edge_cloud" and t["rounds"] == 5 and t["tokens_by_source"] == {"draft": 9, "target": 5, "edge": 0}
     assert t["mean_accepted_length"] == 2.8 and t["ttft_ms"] is not None
+    assert t["token_ids"] == list(b"Hello, world!") + [EOS] and t["sources"] == ["draft", "draft", "target"] * 4 + ["draft", "target"]
     assert node.calls[0]["sampling"].temperature == 0.5 and node.calls[0]["sampling"].seed == 7
     assert node.calls[0]["arrived"] is not None
     assert short["choices"][0]["message"]["content"] == "Hello" and short["choices"][0]["finish_reason"] == "length"
