@@ -42,7 +42,10 @@ async def identify_cloud(url: str, auth_token: Optional[str] = None, timeout_s: 
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise CloudUnavailable(f"cloud at {url} unreachable: {type(e).__name__}: {e}") from None
     if status == 401:
-        raise CloudError(401, body if isinstance(body, dict) else {"error": "unauthorized"})
+        raise CloudError(401, {"error": f"{(body or {}).get('error', 'unauthorized') if isinstance(body, dict) else 'unauthorized'}"
+                                        f"; set edge.auth_token to the cloud's token"})
+    if isinstance(body, dict) and body.get("auth_required") and not auth_token:
+        raise CloudError(401, {"error": "the cloud requires a bearer token; set edge.auth_token"})
     if status != 200 or not isinstance(body, dict) or not all(k in body for k in IDENTITY_KEYS):
         hint = " (it looks like a Tandem edge: give the cloud's URL, started by start_cloud.py)" \
             if isinstance(body, dict) and "draft_model" in body else ""

@@ -227,6 +227,10 @@ class TinyServer:
 
     def _run(self):
         async def handler(request):
+            if self.health == "token":
+                if "Authorization" in request.headers:
+                    return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+                return web.json_response({"status": "ok", "auth_required": True})
             if self.health is None:
                 return web.Response(text="<html>hello</html>", content_type="text/html")
             return web.json_response(self.health)
@@ -259,6 +263,17 @@ def test_cloud_url_that_is_not_a_cloud(fake_gguf, health, says):
         r = cli("--prompt", "x", "--cloud-url", url, "--set", f"models.draft={fake_gguf}", timeout=60)
     line = one_line_error(r)
     assert f"{url} is not a Tandem cloud" in line and says in line
+
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "the cloud requires a bearer token; set edge.auth_token"),
+    (["--set", "edge.auth_token=wrong"], "missing or wrong bearer token; set edge.auth_token"),
+])
+def test_cloud_that_wants_a_token_is_exit_3(fake_gguf, extra, says):
+    """As cloud/server.py answers with auth_token set: liveness only without a token, 401 for a wrong one."""
+    with TinyServer("token") as url:
+        r = cli("--prompt", "x", "--cloud-url", url, "--set", f"models.draft={fake_gguf}", *extra, timeout=60)
+    assert says in one_line_error(r, 3)
 
 
 def test_unreachable_cloud_is_exit_3(fake_gguf):
