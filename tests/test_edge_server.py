@@ -153,3 +153,46 @@ def test_health_and_metrics_tell_the_truth(server):
     assert value('tandem_edge_tokens_total{source="draft"}') + value('tandem_edge_tokens_total{source="target"}') >= 6
     assert value("tandem_edge_rounds_total") >= 1 and value("tandem_edge_cloud_up") == 1
     assert value("tandem_edge_link_rtt_ms") >= 0 and value("tandem_edge_ttft_seconds_count") >= 1
+
+
+def test_start_edge_serves_before_its_cloud_is_up():
+    """start_edge.py with a cloud that is not there: it starts, says so, answers edge-only (edge.fallback)
+    and /health says "degraded" with the cloud's state (issue: the edge refused to start)."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    with socket.socket() as s:                   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "start_edge.py", "--cloud-url", f"http://127.0.0.1:{dead}", "--port", "0",
+                          "--set", "draft.n_ctx=1024", "--set", "edge.max_sessions=1"],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("serving on" in x for x in lines):
+            line = p.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        [line] = [x for x in lines if "serving on" in x]
+        assert "not reachable yet" in line and "Traceback" not in "".join(lines)
+        url = re.search(r"serving on (http://\S+) ", line).group(1)
+
+        async def run():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                async with http.get(url + "/health") as r:
+                    health = (r.status, await r.json())
+                async with http.post(url + "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}) as r:
+                    answer = (r.status, await r.json())
+                return health, answer
+        (status, health), (code, answer) = asyncio.run(run())
+    finally:
+        p.terminate()
+        p.wait(30)
+    assert status == 200 and health["status"] == "degraded" and health["cloud"]["up"] is False
+    assert health["cloud"]["status"] == "unreachable"
+    assert code == 200 and answer["usage"]["completion_tokens"] == 4
+    assert answer["tandem"]["sources"] == ["edge"] * 4 and answer["tandem"]["fallbacks"] >= 1

@@ -419,18 +419,19 @@ def test_queue_full_is_429_with_retry_after():
 
 def test_client_disconnect_stops_the_generation_without_a_traceback(caplog):
     caplog.set_level(logging.DEBUG)
-    async def one(stream: bool):
+    async def one(path: str, stream: bool):
         node = FakeNode("x" * 200, piece_len=1)
         node.delay_s = 0.05
+        payload = chat(stream=stream, max_tokens=200) if "chat" in path else {"prompt": "x", "stream": stream,
+                                                                               "max_tokens": 200}
         async with serving(node) as (http, url):
             if stream:
-                async with http.post(url + "/v1/chat/completions", json=chat(stream=True, max_tokens=200)) as r:
-                    await r.content.readuntil(b"\n\n")                  # the first chunk, then hang up
+                async with http.post(url + path, json=payload) as r:
+                    await r.content.readline()                             # the first chunk, then hang up
                     r.close()
             else:
                 with pytest.raises(asyncio.TimeoutError):
-                    await http.post(url + "/v1/chat/completions", json=chat(max_tokens=200),
-                                    timeout=aiohttp.ClientTimeout(total=0.3))
+                    await http.post(url + path, json=payload, timeout=aiohttp.ClientTimeout(total=0.3))
             t = time.perf_counter()
             await asyncio.wait_for(node.closed.wait(), 2)                  # the node's stream was closed
             stopped_after = time.perf_counter() - t
@@ -441,9 +442,10 @@ def test_client_disconnect_stops_the_generation_without_a_traceback(caplog):
             async with http.post(url + "/v1/chat/completions", json=chat()) as r:
                 assert r.status == 200                                     # and the server serves on
             return stopped_after, produced
-    for stream in (True, False):
-        stopped_after, produced = run(one(stream))
-        assert stopped_after < 0.5 and produced < 20, (stream, stopped_after, produced)
+    for path in ("/v1/chat/completions", "/v1/generate"):
+        for stream in (True, False):
+            stopped_after, produced = run(one(path, stream))
+            assert stopped_after < 0.5 and produced < 20, (path, stream, stopped_after, produced)
     server_logs = [r for r in caplog.records if r.name.startswith(("tandem", "aiohttp", "asyncio"))]
     assert not [r for r in server_logs if r.exc_info or r.levelno >= logging.ERROR], caplog.text
 
@@ -622,3 +624,20 @@ def test_ndjson_generate_still_works():
     assert [s for x in lines[:-1] for s in x["sources"]] == ["draft", "draft", "target", "target"]
     assert lines[-1]["done"] and lines[-1]["ok"] and lines[-1]["error"] is None and lines[-1]["stats"]["tokens"] == 4
     assert neg[0] == 422 and neg[1]["error"]["param"] == "seed" and plain == 415
+
+
+def test_an_internal_error_is_a_500_in_openai_shape():
+    node = FakeNode()
+    def broken(messages):
+        raise RuntimeError("boom")
+    node.encode_messages = broken
+    async def body():
+        async with serving(node) as (http, url):
+            async with http.post(url + "/v1/chat/completions", json=chat()) as r:
+                out = (r.status, await r.json())
+            async with http.post(url + "/v1/completions", json={"prompt": "x"}) as r:
+                return out, r.status
+    (status, err), after = run(body())
+    assert status == 500 and after == 200
+    assert_openai_error(err, "server_error")
+    assert "boom" not in err["error"]["message"]            # details stay in the edge's log
