@@ -165,6 +165,8 @@ class Repl:
         self.readline = None
 
     def _setup_history(self) -> None:
+        if not sys.stdin.isatty():       # piped input: no line editing, no history file
+            return
         try:
             import readline
         except ImportError:
