@@ -49,7 +49,7 @@ from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.protocol import SamplingParams, validation_message
+from common.protocol import SamplingParams, Seed, validation_message
 from edge.generator import EdgeBusy, Mode
 from edge.serving import (ARRIVED, NODE, ApiError, ClientGone, read_json_object, record_generation,
                           unless_client_gone)
@@ -102,7 +102,7 @@ class _Request(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, le=2 ** 64 - 1)
+    seed: Optional[Seed] = None
     stop: Optional[Union[Annotated[str, Field(min_length=1)],
                          Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)]]] = None
     stream: bool = False

@@ -36,7 +36,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.auth import bearer_matches
-from common.protocol import validation_message
+from common.protocol import Seed, validation_message
 from edge import openai_api
 from edge.generator import EdgeBusy, Mode, resolve_mode
 from edge.metrics import CONTENT_TYPE, EdgeMetrics
@@ -60,7 +60,7 @@ class EdgeGenerateRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1, le=8192)
     temperature: Optional[float] = Field(None, ge=0.0, le=10.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, le=2 ** 64 - 1)
+    seed: Optional[Seed] = None
     mode: Optional[Mode] = Field(None, strict=False)
     stream: bool = True
 

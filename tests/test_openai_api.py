@@ -322,7 +322,7 @@ BAD_BODIES = [
     ("NaN", b'{"temperature": NaN, "messages": []}', "application/json", 400, None),
 ]
 BAD_REQUESTS = [
-    (chat(seed=-1), "seed"), (chat(temperature=3), "temperature"), (chat(max_tokens=0), "max_tokens"),
+    (chat(seed=-1), "seed"), (chat(seed=2 ** 63), "seed"), (chat(temperature=3), "temperature"), (chat(max_tokens=0), "max_tokens"),
     (chat(max_tokens="5"), "max_tokens"), (chat(stop=["a", "b", "c", "d", "e"]), "stop"), (chat(stop=""), "stop"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"), (chat(top_p=0), "top_p"), (chat(stream="yes"), "stream"),
