@@ -641,3 +641,25 @@ def test_an_internal_error_is_a_500_in_openai_shape():
     assert status == 500 and after == 200
     assert_openai_error(err, "server_error")
     assert "boom" not in err["error"]["message"]            # details stay in the edge's log
+
+
+def test_slow_headers_and_idle_connections_are_closed_under_edge_limits():
+    node = FakeNode(**{"edge.limits.header_timeout_s": 0.5, "edge.limits.keepalive_timeout_s": 0.5})
+    async def closed_after(host, port, data: bytes) -> float:
+        reader, writer = await asyncio.open_connection(host, port)
+        t = time.perf_counter()
+        writer.write(data)
+        try:
+            while await asyncio.wait_for(reader.read(1024), 5):
+                pass
+        finally:
+            writer.close()
+        return time.perf_counter() - t
+    async def body():
+        async with serving(node) as (http, url):
+            host, port = url[len("http://"):].split(":")
+            slow = await closed_after(host, int(port), b"GET /health HTTP/1.1\r\nHost: x\r\n")   # never ends its head
+            idle = await closed_after(host, int(port), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")   # then idles
+            return slow, idle
+    slow, idle = run(body())
+    assert slow < 2 and idle < 2, (slow, idle)
