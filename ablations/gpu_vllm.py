@@ -19,7 +19,17 @@ need in --work, /tmp/gpu_work by default):
            output with every 4th token wrong) vs in-engine oracle, 64 and 256 sessions
   anchor   vLLM's own speculative decoding with the 0.5B as draft_model, 1 and 64 sessions
   baseline request-per-round design: verify latency k=4 at 1k context with/without prefix reuse
+  invariance  the real 1.5B alone: greedy outputs all at once (twice), 8 at a time, one at a time, for
+           one engine setting (--variant): is vLLM alone batch invariant here
   Any job + `--batch-invariant`: VLLM_BATCH_INVARIANT=1 (results suffixed _bi).
+  Any job + `--exact`: exact mode (results suffixed _exact). Jobs with our cloud set the config key
+  cloud.exact=true, so make_backend (cloud/backends/base.py) applies it as the product does
+  (VLLM_BATCH_INVARIANT=1, TRITON_ATTN unless --attention names another); the jobs of vLLM alone
+  (plain, big_plain, anchor) get the same two settings here (exact_vllm_alone). The replay job also
+  checks greedy equality: every replayed and oracle session against vLLM target-only on the same engine.
+
+  python -m ablations.gpu_vllm report-exact DIR     # here: one session's plain/replay jobs, default and
+                                                    # --exact -> results/gpu_exact.{json,md}
 """
 from __future__ import annotations
 
@@ -164,9 +174,52 @@ def job_plain(args, work: Path) -> dict:
     (work / "refs15.json").write_text(json.dumps({"refs": refs, "gaps": gaps}))
     for s in (64, 256):
         drive(eng, [(rows[0]["ids"], sp)])       # warm
-        res[f"plain_{s}"] = throughput(eng, [p["ids"] for p in rows], s, args.max_tokens)
-        log(f"plain {s}: {res[f'plain_{s}']}")
+        runs = [throughput(eng, [p["ids"] for p in rows], s, args.max_tokens) for _ in range(max(args.repeats, 1))]
+        res[f"plain_{s}"] = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]    # the median run
+        res[f"plain_{s}_runs"] = [r["tokens_per_s"] for r in runs]
+        log(f"plain {s}: {res[f'plain_{s}']} (runs {res[f'plain_{s}_runs']})")
     res["single_stream"] = throughput(eng, [rows[0]["ids"]], 1, args.max_tokens)
+    return res
+
+
+VARIANTS = {"default": {}, "no_prefix_cache": {"enable_prefix_caching": False},
+            "no_chunked_prefill": {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192},
+            "eager": {"enforce_eager": True}}
+
+
+def drive_window(engine, rows: list[dict], sp, width: int, tag: str) -> list[list[int]]:
+    """Greedy outputs with at most `width` requests in vLLM at once (a new one as each finishes)."""
+    outs, nxt = [None] * len(rows), 0
+    live = 0
+    while nxt < len(rows) or live:
+        while live < width and nxt < len(rows):
+            engine.add_request(f"{tag}{nxt}", {"prompt_token_ids": rows[nxt]["ids"], "cache_salt": f"{tag}{nxt}"}, sp)
+            nxt, live = nxt + 1, live + 1
+        for o in engine.step():
+            if o.finished:
+                outs[int(o.request_id[len(tag):])] = list(o.outputs[0].token_ids)
+                live -= 1
+    return outs
+
+
+def job_invariance(args, work: Path) -> dict:
+    """Is vLLM alone (LLMEngine, no speculation) batch invariant on this machine? The same greedy
+    requests all at once, twice, then 8 at a time, then one at a time (first 16 prompts), on one engine
+    with the settings of --variant (VARIANTS); outputs kept for comparisons across engines."""
+    from vllm import SamplingParams
+    model = real_dir(args, "target")
+    t0 = time.time()
+    eng = plain_engine(model, args, **VARIANTS[args.variant])
+    res = {"variant": args.variant, "engine_up_s": round(time.time() - t0, 1), "outs": {}}
+    rows = prompts(args.prompts)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, detokenize=False)
+    for name, rr, width in (("all", rows, len(rows)), ("all_again", rows, len(rows)), ("w8", rows, 8),
+                            ("w1", rows[:16], 1)):
+        t = time.time()
+        res["outs"][name] = [cut(o, args.max_tokens) for o in drive_window(eng, rr, sp, width, f"{name}-")]
+        same = sum(a == b for a, b in zip(res["outs"][name], res["outs"]["all"]))
+        res[f"{name}_identical_to_all"] = f"{same}/{len(rr)}"
+        log(f"invariance {args.variant} {name}: {same}/{len(rr)} identical to all-at-once ({time.time() - t:.1f} s)")
     return res
 
 
@@ -177,7 +230,7 @@ async def start_tandem_cloud(model_dir, args, **vover):
     from common.config import load_config
     t0 = time.time()
     cfg = load_config(overrides={"cloud.backend": "vllm", "cloud.max_sessions": 4096, "cloud.n_ctx": 4096,
-                                 "cloud.max_draft": 16})
+                                 "cloud.max_draft": 16, "cloud.exact": bool(args.exact)})
     cfg.cloud.vllm = vcfg(args, model_dir=model_dir, **vover)
     node = await CloudNode.start(cfg, "127.0.0.1", 0)
     if args.engine_cpus:                             # the engine process (every thread) alone on these CPUs
@@ -417,28 +470,32 @@ async def oracle_run(backend, sessions, n_new, plan_of) -> tuple[list[list[int]]
     return [cut(o, n_new) for o in outs], time.perf_counter() - t0
 
 
-async def replay(backend, url, ss, n_new, **light) -> dict:
-    """Light clients over HTTP (run_light), with the engine's step counters for this run alone."""
+async def replay(backend, url, ss, n_new, keep: bool = False, **light) -> dict:
+    """Light clients over HTTP (run_light), with the engine's step counters for this run alone.
+    keep: also each session's output, by session id, under "_outs" (not for the job file)."""
     await backend.engine_stats()     # start counting this run
     out, wall = await asyncio.to_thread(run_light, url, ss, n_new, **light)
-    return summary(out, wall) | {"engine": await backend.engine_stats()}
+    return summary(out, wall) | {"engine": await backend.engine_stats()} | (
+        {"_outs": {r["sid"]: r["out"] for r in out}} if keep else {})
 
 
-async def oracle(backend, ss, n_new, plan_cls) -> dict:
+async def oracle(backend, ss, n_new, plan_cls, keep: bool = False) -> dict:
     """The same sessions with drafts made inside the scheduler by plan_cls (no wire)."""
     await backend.engine_stats()     # start counting this run
     outs, wall = await oracle_run(backend, ss, n_new, lambda x: plan_cls(x, backend.n_vocab))
-    return oracle_summary(outs, wall) | {"engine": await backend.engine_stats()}
+    return oracle_summary(outs, wall) | {"engine": await backend.engine_stats()} | (
+        {"_outs": {s["sid"]: o for s, o in zip(ss, outs)}} if keep else {})
 
 
-async def replay_pair(backend, url, sessions: list[dict], s: int, tag: str, args) -> tuple[dict, dict]:
+async def replay_pair(backend, url, sessions: list[dict], s: int, tag: str, args,
+                      keep: bool = False) -> tuple[dict, dict]:
     """s sessions cycled from the real edges' traces: light clients over HTTP, then the same engine
     fed oracle drafts of the same shape (TracePlan), back to back. --burn-cpus: the oracle once more
     with those CPUs kept busy (is ours' step slower for the load the clients and front ends put on
     the host?), as orc["loaded"]."""
     ss = [dict(sessions[i % len(sessions)], sid=f"{tag}-{i}") for i in range(s)]
-    ours = await replay(backend, url, ss, args.max_tokens, **light_kw(args))
-    orc = await oracle(backend, ss, args.max_tokens, TracePlan)
+    ours = await replay(backend, url, ss, args.max_tokens, keep, **light_kw(args))
+    orc = await oracle(backend, ss, args.max_tokens, TracePlan, keep)
     if args.burn_cpus:
         burners = [mp.get_context("spawn").Process(target=burn, args=(c,), daemon=True) for c in cpu_list(args.burn_cpus)]
         for b in burners:
@@ -622,9 +679,12 @@ async def job_replay(args, work: Path) -> dict:
     await replay(backend, url, [dict(sessions[i], sid=f"warm-{i}") for i in range(8)], 32,
                  **(light_kw(args) | {"ahead": False}))
     sizes = [int(x) for x in args.sessions.split(",")]
+    outs = {}                            # session id -> output, every run (for the equality check)
     for rep in range(args.repeats):
         for s in sizes:
-            ours, orc = await replay_pair(backend, url, sessions, s, f"r{rep}-{s}", args)
+            ours, orc = await replay_pair(backend, url, sessions, s, f"r{rep}-{s}", args, keep=True)
+            outs.update({("ours", k): v for k, v in ours.pop("_outs").items()})
+            outs.update({("oracle", k): v for k, v in orc.pop("_outs").items()})
             res["runs"].append({"sessions": s, "ours": ours, "oracle": orc,
                                 "ratio": round(ours["tokens_per_s"] / orc["tokens_per_s"], 3)})
             log(f"replay {rep} {s}: ours {ours['tokens_per_s']} oracle {orc['tokens_per_s']} "
@@ -634,7 +694,51 @@ async def job_replay(args, work: Path) -> dict:
     for s in sizes:
         r = sorted(x["ratio"] for x in res["runs"] if x["sessions"] == s)
         res[f"oracle_ceiling_{s}"] = {"median": r[len(r) // 2], "all": r}
+    try:                                 # the timed runs above stand whatever happens here
+        res["equality"] = await equality_check(backend, sessions, outs, args.max_tokens, work)
+    except Exception as e:  # noqa: BLE001 - recorded in the job file
+        res["equality"] = {"error": f"{type(e).__name__}: {e}"}
     await node.close()
+    return res
+
+
+async def equality_check(backend, sessions: list[dict], outs: dict, n_new: int, work: Path) -> dict:
+    """Greedy equality on the same engine: vLLM target-only (our cloud's agenerate path: no drafts, one
+    plain request per prompt) for each trace's prompt, all at once and then 8 at a time; every replayed
+    session (ours, over the wire) and every oracle session of every run is compared with it token for
+    token (session i of a run replays trace i mod len(sessions)). Also against a plain engine's greedy
+    references (refs15.json in --work, from the plain job run with the same mode), where present."""
+    from common.protocol import SamplingParams
+
+    async def target_only(tag: str, width: int) -> list[list[int]]:
+        gate = asyncio.Semaphore(width)
+
+        async def one(i, s):
+            async with gate:
+                return cut([t async for t in backend.agenerate(f"{tag}{i}", s["prompt"], n_new, SamplingParams())],
+                           n_new)
+        return await asyncio.gather(*[one(i, s) for i, s in enumerate(sessions)])
+
+    ref_all = await target_only("eq-all-", len(sessions))
+    ref_8 = await target_only("eq-8-", 8)
+    plain_ref = work / "refs15.json"
+    plain = json.loads(plain_ref.read_text()) if plain_ref.exists() else None
+    res = {"prompts": len(sessions), "n_new": n_new,
+           "target_only_all_vs_8_at_a_time": sum(a == b for a, b in zip(ref_all, ref_8))}
+    if plain:
+        res["target_only_vs_plain_engine"] = sum(a == cut(b, n_new) for a, b in zip(ref_all, plain["refs"]))
+    for kind in ("ours", "oracle"):
+        div = []
+        keys = sorted(k for k in outs if k[0] == kind)
+        for _, sid in keys:
+            i = int(sid.rsplit("-", 1)[1]) % len(sessions)
+            got = cut(outs[(kind, sid)], n_new)
+            if got != ref_all[i]:
+                d = divergence(got, ref_all[i], plain["gaps"][i] if plain else [], n_new)
+                div.append(dict(d, sid=sid, trace=i))
+        res[kind] = {"sessions": len(keys), "identical": len(keys) - len(div), "divergences": div[:50],
+                     "prompts_with_a_divergence": len({d["trace"] for d in div})}
+        log(f"equality {kind}: {len(keys) - len(div)}/{len(keys)} sessions identical to target-only on the same engine")
     return res
 
 
@@ -744,7 +848,7 @@ async def job_baseline(args, work: Path) -> dict:
 JOBS = {"smoke": job_smoke, "plain": job_plain, "edges": lambda a, w: asyncio.run(job_edges(a, w)),
         "big_plain": lambda a, w: asyncio.run(_big(a, w, False)), "big": lambda a, w: asyncio.run(_big(a, w, True)),
         "anchor": job_anchor, "baseline": lambda a, w: asyncio.run(job_baseline(a, w)),
-        "replay": lambda a, w: asyncio.run(job_replay(a, w))}
+        "replay": lambda a, w: asyncio.run(job_replay(a, w)), "invariance": job_invariance}
 
 
 def stage_cache(args) -> None:
@@ -761,6 +865,13 @@ def stage_cache(args) -> None:
         if p.exists():
             _stamp(p).write_text(_stamp_text(p, model))
     os.environ["TANDEM_CACHE"] = str(d)
+
+
+def exact_vllm_alone(args) -> None:
+    """--exact for the jobs that run vLLM alone (no cloud config, so make_backend does not run): the
+    two settings make_backend applies for cloud.exact on the vLLM backend, before vLLM is imported."""
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    args.attention = args.attention or "TRITON_ATTN"
 
 
 def run_job(args) -> int:
@@ -784,7 +895,10 @@ def run_job(args) -> int:
         f"_eng{args.engine_cpus.replace(',', '_')}" if args.engine_cpus else "") + ("_ws" if args.ws else "") + (
         "_ahead" if args.ahead else "") + ("_late" if args.late_answers else "") + (
         f"_lp{args.light_procs}" if args.light_procs != 8 else "") + (
-        "_burn" if args.burn_cpus else "") + (f"_{args.tag}" if args.tag else "")
+        "_burn" if args.burn_cpus else "") + (f"_{args.variant}" if args.job == "invariance" else "") + (
+        "_exact" if args.exact else "") + (f"_{args.tag}" if args.tag else "")
+    if args.exact and args.job in ("plain", "big_plain", "anchor", "invariance"):
+        exact_vllm_alone(args)
     t0 = time.time()
     try:
         res = JOBS[args.job](args, work)
@@ -797,6 +911,8 @@ def run_job(args) -> int:
     res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     res["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
     res["execution"] = args.execution
+    res["exact"] = args.exact
+    res["vllm_batch_invariant_env"] = os.environ.get("VLLM_BATCH_INVARIANT")   # as the job left it (make_backend sets it)
     res["light_procs"] = args.light_procs
     res["attention_backend"] = args.attention
     res["pad_drafts"] = not args.no_pad
@@ -814,7 +930,7 @@ def run_job(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["prepare", "run", "job", "report"])
+    ap.add_argument("command", choices=["prepare", "run", "job", "report", "report-exact"])
     ap.add_argument("dirs", nargs="*")
     ap.add_argument("--jobs", default="smoke")
     ap.add_argument("--job")
@@ -829,6 +945,8 @@ def main(argv=None) -> int:
     ap.add_argument("--edge-threads", type=int, default=2)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--batch-invariant", action="store_true")
+    ap.add_argument("--exact", action="store_true", help="exact mode: cloud.exact=true for our cloud (make_backend "
+                    "sets VLLM_BATCH_INVARIANT=1 and TRITON_ATTN); the same two settings for vLLM alone")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--no-pad", action="store_true", help="in-engine: do not pad drafts to k slots")
     ap.add_argument("--in-process", action="store_true", help="in-engine: engine thread in the HTTP process")
@@ -843,8 +961,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ws", action="store_true", help="light clients send rounds over the WebSocket channel (/v1/ws)")
     ap.add_argument("--ahead", action="store_true", help="light clients draft ahead (traces need 'guess': "
                     "ablations/trace_guesses.py)")
-    ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair")
+    ap.add_argument("--repeats", type=int, default=3, help="replay job: runs of each (ours, oracle) pair; "
+                    "plain job: throughput runs per session count (the median run is the figure)")
     ap.add_argument("--sessions", default="64,256", help="replay job: session counts")
+    ap.add_argument("--variant", default="default", choices=sorted(VARIANTS), help="invariance job: engine settings")
     ap.add_argument("--cloud-cpus", default=None, help="pin the cloud (engine + front ends) to these CPUs, e.g. 0-5")
     ap.add_argument("--engine-cpus", default=None, help="pin the engine process to these CPUs, the front ends off them")
     ap.add_argument("--client-cpus", default=None, help="pin the light clients to these CPUs, e.g. 6-15")
@@ -860,6 +980,9 @@ def main(argv=None) -> int:
     if args.command == "report":
         from ablations.gpu_report import report
         return report([Path(d) for d in args.dirs])
+    if args.command == "report-exact":
+        from ablations.gpu_report import exact_report
+        return exact_report([Path(d) for d in args.dirs])
     if args.command == "job":
         return run_job(args)
     env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_ENABLE_V1_MULTIPROCESSING="0",
