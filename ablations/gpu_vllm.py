@@ -257,8 +257,8 @@ def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, rtt_ms: fl
             for p in rows:
                 box = []
                 ids = []
-                async for toks, _ in node.stream(p["ids"], n_new, node.sampling(), None, box):
-                    ids += toks
+                async for piece in node.stream(p["ids"], n_new, node.sampling(), None, box):
+                    ids += piece.token_ids
                 st: GenStats = box[0]
                 out_q.put({"id": p["id"], "set": p["set"], "out": ids, "stats": st.as_dict(), "trace": st.trace,
                            "error": st.error})

@@ -158,11 +158,11 @@ class Verifier:
                        f"{len(s.tokens)} tokens; an older round never changes it", "seq",
                        committed_len=len(s.tokens), last_seq=s.last_seq)
 
-    async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms):
+    async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms, **exact_kw):
         t0 = time.perf_counter()
         async with self.queue.slot(rtt_ms):
             t1 = time.perf_counter()
-            logits, cached = await self.backend.alogits(sid, tokens, n_logits, reuse, priority(rtt_ms))
+            logits, cached = await self.backend.alogits(sid, tokens, n_logits, reuse, priority(rtt_ms), **exact_kw)
         t2 = time.perf_counter()
         return logits, cached, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -254,9 +254,27 @@ class Verifier:
             except DraftStale as e:    # cannot happen after the check in verify(); say so if it does
                 raise ApiError(412, f"draft-ahead round: {e}", "guess", committed_len=len(s.tokens)) from e
             return n, tok, cached, 0.0, (time.perf_counter() - t1) * 1e3
+        if self.backend.exact:
+            return await self._verify_exact(s, req, context)
         logits, cached, queue_ms, compute_ms = await self._logits(
             req.session_id, context + req.draft, len(req.draft) + 1, req.reuse_cache, req.rtt_ms)
         n, tok = accept_draft(req.draft, logits, req.sampling, req.draft_dists, s.rng)
+        return n, tok, cached, queue_ms, compute_ms
+
+    async def _verify_exact(self, s: Session, req: VerifyRequest, context: list[int]):
+        """Exact mode: the target's rows one position at a time, each from a decode of its own, as the
+        target alone computes them. Greedy stops at the first mismatch (row i predicts draft[i]; the
+        rows after it would not be used), so a rejected tail is never evaluated."""
+        rows, cached, queue_ms, compute_ms = [], 0, 0.0, 0.0
+        fresh = {"prompt_len": req.prompt_len or len(context)} if req.base_len == 0 else {}
+        for i in range(len(req.draft) + 1):
+            logits, hit, q_ms, c_ms = await self._logits(req.session_id, context + req.draft[:i], 1,
+                                                         req.reuse_cache, req.rtt_ms, **(fresh if i == 0 else {}))
+            rows.append(logits[-1])
+            cached, queue_ms, compute_ms = cached or hit, queue_ms + q_ms, compute_ms + c_ms
+            if req.sampling.greedy and (i == len(req.draft) or int(np.argmax(rows[-1])) != req.draft[i]):
+                return i, int(np.argmax(rows[-1])), cached, queue_ms, compute_ms
+        n, tok = accept_draft(req.draft, np.stack(rows), req.sampling, req.draft_dists, s.rng)
         return n, tok, cached, queue_ms, compute_ms
 
     # --- target-only generation ------------------------------------------------------------------

@@ -10,6 +10,7 @@ import aiohttp
 
 from common.config import ConfigError
 from common.errors import CloudError, CloudUnavailable
+from common.protocol import PROTOCOL_VERSION
 
 IDENTITY_KEYS = ("protocol", "backend")     # what a Tandem cloud's /health carries and an edge's does not
 
@@ -51,4 +52,7 @@ async def identify_cloud(url: str, auth_token: Optional[str] = None, timeout_s: 
             if isinstance(body, dict) and "draft_model" in body else ""
         raise ConfigError(f"{url} is not a Tandem cloud: its /health answered {status} {ctype} without "
                           f"{' and '.join(repr(k) for k in IDENTITY_KEYS)}{hint}")
+    if body["protocol"] != PROTOCOL_VERSION:
+        raise ConfigError(f"{url} speaks Tandem protocol {body['protocol']!r}, this edge {PROTOCOL_VERSION!r}: "
+                          f"run the same Tandem version on both")
     return body

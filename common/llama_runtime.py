@@ -1,12 +1,23 @@
-"""A llama.cpp context that knows which tokens its KV cache holds, rolls back, and returns logits.
+"""A llama.cpp context with several sequences, each knowing which tokens its KV cache holds.
 
-Shared by the edge drafter (last-position logits) and the cloud's llama.cpp verifier (logits of the
-last k+1 positions of one batch). Uses llama-cpp-python's low-level path: `llama_decode` on a batch
-whose `logits` flags we set ourselves, `llama_get_logits_ith` read as a numpy view, and
-`llama_memory_seq_rm` for rollback. Never `create_completion`/`generate` (slow, memory hungry).
+Shared by the edge drafter (many sessions drafted together: one `llama_decode` batch per step) and
+the cloud's llama.cpp verifier (one sequence per session). Uses llama-cpp-python's low-level path:
+`llama_decode` on a batch whose positions, sequence ids and `logits` flags we set ourselves,
+`llama_get_logits_ith` read as a numpy view, and `llama_memory_seq_rm(mem, seq, pos, -1)` for
+rollback. Never `create_completion`/`generate` (slow, memory hungry).
+
+The KV cache is not unified: each sequence has its own stream of `n_ctx` cells, so one sequence's
+attention never sees, or is shaped by, another's (a rollback in one session cannot change another's
+logits, and a one-sequence decode computes exactly what it would in a context of its own).
+
+Exact evaluation (`exact=True` on `extend_to`): llama.cpp's logits move with batch shape, so the
+target alone (prompt prefilled in one batch, then one token per decode) and a k+1-token verification
+batch round near-ties differently. In exact mode every token after a sequence's prompt is decoded
+alone, so each position's logits come from the very computation the target-alone path performs.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -21,18 +32,36 @@ def llama_threads(n: int) -> int:
 
 
 class LlamaRunner:
-    def __init__(self, model_path: str | Path, n_ctx: int, n_threads: int = 0, n_batch: int = 512):
+    def __init__(self, model_path: str | Path, n_ctx: int, n_threads: int = 0, n_batch: int = 512, n_seq: int = 1):
+        """n_ctx: tokens per sequence; n_seq: sequences (sessions) the context holds at once."""
         import llama_cpp  # lazy: protocol-only tests need no llama.cpp
+        from llama_cpp import _internals
         self._lib = llama_cpp
         threads = llama_threads(n_threads)
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch,
                                    n_ubatch=n_batch, n_threads=threads, n_threads_batch=threads,
                                    logits_all=False, verbose=False)
+        if n_seq > 1:   # llama_cpp.Llama makes a one-sequence context: replace it by one with n_seq streams
+            params = self.llm.context_params
+            params.n_seq_max, params.kv_unified, params.n_ctx = n_seq, False, n_ctx * n_seq
+            self.llm._ctx.close()
+            self.llm._ctx = self.llm._stack.enter_context(contextlib.closing(
+                _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)))
         self.n_ctx = n_ctx
+        self.n_seq = n_seq
         self.n_batch = self.llm.n_batch
         self.n_vocab = self.llm.n_vocab()
-        self.tokens: list[int] = []          # exactly what the KV cache holds, position by position
-        self.prefilled = 0                   # tokens evaluated (for cache statistics)
+        self.seq_tokens: list[list[int]] = [[] for _ in range(n_seq)]   # what each sequence's KV holds
+        self.prompt_len: list[int] = [0] * n_seq    # exact mode: the prefix evaluated as one batch
+        self.prefilled = 0                          # tokens evaluated (for cache statistics)
+
+    @property
+    def tokens(self) -> list[int]:                  # sequence 0 (one-sequence users)
+        return self.seq_tokens[0]
+
+    @tokens.setter
+    def tokens(self, value: list[int]) -> None:
+        self.seq_tokens[0] = value
 
     # --- text <-> ids (tokenizer of the GGUF) -------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -54,62 +83,78 @@ class LlamaRunner:
         return stops
 
     # --- KV cache --------------------------------------------------------------------------------
-    def rollback(self, pos: int) -> None:
-        """Drop KV entries at positions >= pos."""
-        if pos >= len(self.tokens):
+    def rollback(self, pos: int, seq: int = 0) -> None:
+        """Drop sequence `seq`'s KV entries at positions >= pos."""
+        held = self.seq_tokens[seq]
+        if pos >= len(held):
             return
-        ok = self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.llm.ctx), 0, pos, -1)
+        ok = self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.llm.ctx), seq, pos, -1)
         if not ok:
-            raise RuntimeError(f"llama_memory_seq_rm failed rolling back to {pos}")
-        del self.tokens[pos:]
-        self.llm.n_tokens = pos
+            raise RuntimeError(f"llama_memory_seq_rm failed rolling sequence {seq} back to {pos}")
+        del held[pos:]
+        if seq == 0:
+            self.llm.n_tokens = pos
 
-    def reset(self) -> None:
-        self.rollback(0)
+    def reset(self, seq: int = 0) -> None:
+        self.rollback(0, seq)
 
-    def decode(self, tokens: list[int], n_logits: int = 1) -> np.ndarray:
-        """Append `tokens` to the KV cache; return float32 logits [n_logits, n_vocab] for its last
+    def decode(self, tokens: list[int], n_logits: int = 1, seq: int = 0) -> np.ndarray:
+        """Append `tokens` to sequence `seq`; return float32 logits [n_logits, n_vocab] for its last
         n_logits positions (row i predicts the token after tokens[len - n_logits + i])."""
-        if not tokens:
-            raise ValueError("decode needs at least one token")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise ValueError(f"context {len(self.tokens) + len(tokens)} exceeds n_ctx {self.n_ctx}")
-        n_logits = min(n_logits, len(tokens))
-        first_logit = len(tokens) - n_logits
-        rows = []
+        return self.decode_batch([(seq, tokens, n_logits)])[0]
+
+    def decode_batch(self, work: list[tuple[int, list[int], int]]) -> list[np.ndarray]:
+        """Append tokens to several sequences in one llama_decode per n_batch tokens (continuous
+        batching); work = [(seq, tokens, n_logits)], each seq at most once. Returns each one's logits."""
+        flat = []                                   # (seq, position, token, wants logits)
+        for seq, tokens, n_logits in work:
+            if not tokens:
+                raise ValueError("decode needs at least one token")
+            n_past = len(self.seq_tokens[seq])
+            if n_past + len(tokens) > self.n_ctx:
+                raise ValueError(f"context {n_past + len(tokens)} exceeds n_ctx {self.n_ctx}")
+            first_logit = len(tokens) - min(n_logits, len(tokens))
+            flat += [(seq, n_past + i, t, i >= first_logit) for i, t in enumerate(tokens)]
+        rows: dict[int, list[np.ndarray]] = {seq: [] for seq, _, _ in work}
         batch = self.llm._batch.batch
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            n_past = len(self.tokens)
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start:start + self.n_batch]
             batch.n_tokens = len(chunk)
-            want = []
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = n_past + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                flag = start + i >= first_logit
-                batch.logits[i] = flag
-                if flag:
-                    want.append(i)
+            for i, (seq, pos, tok, want) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, want
+                batch.seq_id[i][0] = seq
             rc = self._lib.llama_decode(self.llm.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
-            self.llm.input_ids[n_past:n_past + len(chunk)] = chunk
-            self.tokens.extend(chunk)
-            self.llm.n_tokens = len(self.tokens)
-            for i in want:
-                ptr = self._lib.llama_get_logits_ith(self.llm.ctx, i)
-                view = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                             shape=(self.n_vocab,))
-                rows.append(view.copy())
-        self.prefilled += len(tokens)
-        return np.stack(rows)
+            for i, (seq, pos, tok, want) in enumerate(chunk):
+                self.seq_tokens[seq].append(tok)
+                if want:
+                    ptr = self._lib.llama_get_logits_ith(self.llm.ctx, i)
+                    rows[seq].append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                           shape=(self.n_vocab,)).copy())
+        if 0 in rows:
+            self.llm.n_tokens = len(self.seq_tokens[0])
+        self.prefilled += len(flat)
+        return [np.stack(rows[seq]) for seq, _, _ in work]
 
-    def extend_to(self, tokens: list[int], n_logits: int = 1, reuse: bool = True) -> tuple[np.ndarray, int]:
-        """Make the KV cache hold exactly `tokens`, reusing the longest cached prefix (if `reuse`);
+    def extend_to(self, tokens: list[int], n_logits: int = 1, reuse: bool = True, seq: int = 0,
+                  exact: bool = False, prompt_len: int | None = None) -> tuple[np.ndarray, int]:
+        """Make sequence `seq` hold exactly `tokens`, reusing its longest cached prefix (if `reuse`);
         return logits of the last n_logits positions and how many tokens came from the cache.
-        At least n_logits tokens are always re-evaluated, since only a decode yields logits."""
-        keep = max(min(common_prefix(self.tokens, tokens), len(tokens) - n_logits), 0) if reuse else 0
-        self.rollback(keep)
-        return self.decode(tokens[keep:], n_logits), keep
+        At least n_logits tokens are always re-evaluated, since only a decode yields logits.
+
+        exact: evaluate as the target alone does: the prompt (the first `prompt_len` tokens; by
+        default all but the last n_logits - 1 of a fresh sequence) in one batch, each later token alone."""
+        keep = max(min(common_prefix(self.seq_tokens[seq], tokens), len(tokens) - n_logits), 0) if reuse else 0
+        self.rollback(keep, seq)
+        if not exact:
+            return self.decode(tokens[keep:], n_logits, seq), keep
+        if keep == 0:
+            self.prompt_len[seq] = prompt_len if prompt_len is not None else len(tokens) - n_logits + 1
+        batched = min(max(self.prompt_len[seq] - keep, 0), len(tokens) - keep)
+        rows = []
+        if batched:
+            rows.append(self.decode(tokens[keep:keep + batched], 1, seq))
+        for tok in tokens[keep + batched:]:
+            rows.append(self.decode([tok], 1, seq))
+        return np.concatenate(rows)[-n_logits:], keep

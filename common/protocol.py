@@ -86,11 +86,15 @@ class VerifyRequest(_Message):
     reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)
     rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate
     guess: Optional[TokenId] = None            # draft-ahead: round seq-1's next token, as the edge guessed it
+    prompt_len: Optional[int] = Field(None, ge=1)  # a re-sync (base_len 0): how much of `append` is the prompt,
+                                               # so an exact cloud re-evaluates it as the target alone did
 
     @model_validator(mode="after")
     def _check(self):
         if self.base_len == 0 and not self.append:
             raise ValueError("a session's first round needs the prompt in 'append'")
+        if self.prompt_len is not None and self.prompt_len > len(self.append):
+            raise ValueError(f"prompt_len {self.prompt_len} exceeds the {len(self.append)} tokens in 'append'")
         if self.guess is not None and (self.base_len == 0 or self.append or self.seq == 0):
             raise ValueError("a draft-ahead round ('guess') follows a round in the same session: "
                              "it needs base_len > 0, seq > 0 and no 'append'")

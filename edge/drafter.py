@@ -1,21 +1,31 @@
-"""The edge's draft model on llama.cpp: drafts up to max_k tokens, stopping when confidence drops.
+"""The edge's draft model on llama.cpp, shared by every session: drafts up to max_k tokens per round,
+stopping when confidence drops, with all drafting sessions advanced in one `llama_decode` per step.
+
+Continuous batching, as llama-server's slots do: one worker thread owns the llama.cpp context. Each
+step it takes every job that is due, brings each job's sequence to the job's context (rollback to the
+longest cached prefix, then the missing tokens), feeds each drafting job its last drafted token, and
+decodes all of that in one batch. A session whose round is on the wire has no job, so it holds no
+one up. A job is a draft (up to k tokens) or one next-token row (edge-only generation).
 
 Greedy drafts are the draft model's argmax. Sampled drafts come from q = the draft's softmax at the
-request temperature, truncated to its top_n tokens and renormalised; q travels with the draft so
-the cloud can run exact speculative sampling (any q works, as long as the verifier knows it).
+request temperature, truncated to its top_n tokens and renormalised; q travels with the draft so the
+cloud can run exact speculative sampling (any q works, as long as the verifier knows it).
 """
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from cloud.acceptance import sample
 from common.config import ConfidenceConfig, DraftConfig, Switches
 from common.llama_runtime import LlamaRunner
 from common.protocol import DraftDist, SamplingParams
+from common.sampling import next_token, sample
+from common.tokens import common_prefix
 from edge.confidence import Confidence, softmax
 
 
@@ -24,7 +34,7 @@ class Draft:
     tokens: list[int]
     dists: Optional[list[DraftDist]]   # q per position (sampling only)
     confidences: list[float]           # confidence of each drafted position's distribution
-    ms: float                          # wall time spent drafting (incl. syncing the KV cache)
+    ms: float                          # wall time from asking to having the draft (incl. syncing the KV cache)
 
 
 def draft_distribution(logits: np.ndarray, temperature: float, top_n: int) -> DraftDist:
@@ -35,6 +45,29 @@ def draft_distribution(logits: np.ndarray, temperature: float, top_n: int) -> Dr
     return DraftDist.model_construct(ids=ids.tolist(), probs=probs.tolist())
 
 
+@dataclass(eq=False)
+class _Job:
+    seq: int
+    context: list[int]
+    max_k: int                          # 0: edge-only, one token sampled as the target would (next_token)
+    sampling: SamplingParams
+    rng: np.random.Generator
+    reuse_kv: bool
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    t0: float = field(default_factory=time.perf_counter)
+    synced: bool = False
+    tokens: list[int] = field(default_factory=list)
+    dists: list[DraftDist] = field(default_factory=list)
+    confs: list[float] = field(default_factory=list)
+
+    def finish(self, value) -> None:
+        def settle():
+            if not self.future.done():
+                (self.future.set_exception if isinstance(value, BaseException) else self.future.set_result)(value)
+        self.loop.call_soon_threadsafe(settle)
+
+
 class Drafter:
     def __init__(self, runner: LlamaRunner, draft_cfg: DraftConfig, conf_cfg: ConfidenceConfig, switches: Switches):
         self.runner = runner
@@ -42,25 +75,115 @@ class Drafter:
         self.confidence = Confidence(conf_cfg)
         self.threshold = conf_cfg.threshold
         self.gated = switches.confidence_gating     # the one read of this switch
+        self.batched = switches.batched_drafting    # the one read of this switch: off = one draft at a time
+        self.steps = 0                              # llama_decode batches run
+        self.batched_tokens = 0                     # tokens they carried
+        self._jobs: list[_Job] = []                 # due, not yet taken by the worker
+        self._released: list[int] = []              # sequences to clear before anything else runs
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="drafter", daemon=True)
+        self._thread.start()
 
-    def draft(self, context: list[int], max_k: int, sampling: SamplingParams,
-              rng: np.random.Generator, reuse_kv: bool) -> Draft:
-        t0 = time.perf_counter()
-        logits, _ = self.runner.extend_to(context, 1, reuse=reuse_kv)   # KV := context (rollback + catch up)
-        row = logits[-1]
-        tokens, dists, confs = [], [], []
-        for i in range(max_k):
-            conf = self.confidence(row)
-            if self.gated and i >= self.cfg.min_k and conf < self.threshold:
-                break
-            if sampling.greedy:
-                tok = int(np.argmax(row))
-            else:
-                dist = draft_distribution(row, sampling.temperature, self.cfg.top_n)
-                tok = dist.ids[sample(np.asarray(dist.probs), rng)]
-                dists.append(dist)
-            tokens.append(tok)
-            confs.append(conf)
-            if i + 1 < max_k:
-                row = self.runner.decode([tok], 1)[-1]
-        return Draft(tokens, dists if not sampling.greedy else None, confs, (time.perf_counter() - t0) * 1e3)
+    # --- the asyncio side ------------------------------------------------------------------------
+    async def draft(self, seq: int, context: list[int], max_k: int, sampling: SamplingParams,
+                    rng: np.random.Generator, reuse_kv: bool = True) -> Draft:
+        """Up to max_k draft tokens after `context`, on sequence `seq` (stops early when unsure)."""
+        return await self._submit(seq, context, max_k, sampling, rng, reuse_kv)
+
+    async def next_token(self, seq: int, context: list[int], sampling: SamplingParams,
+                         rng: np.random.Generator, reuse_kv: bool = True) -> int:
+        """The draft model's own next token, sampled as the target alone samples (edge-only)."""
+        return await self._submit(seq, context, 0, sampling, rng, reuse_kv)
+
+    async def _submit(self, seq, context, max_k, sampling, rng, reuse_kv):
+        loop = asyncio.get_running_loop()
+        job = _Job(seq, list(context), max_k, sampling, rng, reuse_kv, loop.create_future(), loop)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the drafter is closed")
+            self._jobs.append(job)
+            self._wake.notify()
+        return await job.future       # cancelled (client gone): the worker drops the job at its next step
+
+    def release(self, seq: int) -> None:
+        """A session ended: drop its jobs and clear its sequence's KV before the sequence is reused."""
+        with self._wake:
+            self._released.append(seq)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the worker and wait for it to leave llama.cpp (only then may the context be freed)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    # --- the worker thread -----------------------------------------------------------------------
+    def _work(self) -> None:
+        active: list[_Job] = []
+        while True:
+            with self._wake:
+                while not (self._jobs or self._released or active or self._closed):
+                    self._wake.wait()
+                if self._closed:
+                    for job in active + self._jobs:
+                        job.finish(RuntimeError("the drafter is closed"))
+                    return
+                released, self._released = self._released, []
+                # a released sequence's old jobs go; jobs queued after the release are its next owner's
+                active = [j for j in active if j.seq not in released]
+                take = len(self._jobs) if self.batched else (0 if active else 1)
+                active += self._jobs[:take]
+                del self._jobs[:take]
+            for seq in released:
+                self.runner.reset(seq)
+            active = [j for j in active if not j.future.cancelled()]
+            if active:
+                try:
+                    active = self._step(active)
+                except Exception as e:  # noqa: BLE001 - a llama.cpp failure fails this step's jobs, not the thread
+                    for job in active:
+                        job.finish(e)
+                    active = []
+
+    def _step(self, active: list[_Job]) -> list[_Job]:
+        """One llama_decode for every active job; returns the jobs still drafting."""
+        work = []
+        for job in active:
+            if job.synced:                 # drafting: feed its last drafted token
+                work.append((job.seq, job.tokens[-1:], 1))
+                continue
+            held = self.runner.seq_tokens[job.seq]
+            keep = max(min(common_prefix(held, job.context), len(job.context) - 1), 0) if job.reuse_kv else 0
+            self.runner.rollback(keep, job.seq)
+            work.append((job.seq, job.context[keep:], 1))
+            job.synced = True
+        rows = self.runner.decode_batch(work)
+        self.steps += 1
+        self.batched_tokens += sum(len(t) for _, t, _ in work)
+        return [job for job, row in zip(active, rows) if not self._advance(job, row[-1])]
+
+    def _advance(self, job: _Job, row: np.ndarray) -> bool:
+        """Take one row of logits; True when the job is finished (and answered)."""
+        if job.max_k == 0:
+            job.finish(next_token(row, job.sampling, job.rng))
+            return True
+        conf = self.confidence(row)
+        if self.gated and len(job.tokens) >= self.cfg.min_k and conf < self.threshold:
+            return self._done(job)
+        if job.sampling.greedy:
+            tok = int(np.argmax(row))
+        else:
+            dist = draft_distribution(row, job.sampling.temperature, self.cfg.top_n)
+            tok = dist.ids[sample(np.asarray(dist.probs), job.rng)]
+            job.dists.append(dist)
+        job.tokens.append(tok)
+        job.confs.append(conf)
+        return self._done(job) if len(job.tokens) >= job.max_k else False
+
+    @staticmethod
+    def _done(job: _Job) -> bool:
+        job.finish(Draft(job.tokens, job.dists if not job.sampling.greedy else None, job.confs,
+                         (time.perf_counter() - job.t0) * 1e3))
+        return True

@@ -1,8 +1,9 @@
-"""An edge node: the drafter, the cloud client and the generator, with text in and text out."""
+"""An edge node: the shared drafter, the session slots, one link to the cloud and the generator, with
+text in and text out. Many generations run at once, each on a sequence of its own."""
 from __future__ import annotations
 
-import asyncio
 import codecs
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
@@ -11,15 +12,17 @@ from common.config import TandemConfig
 from common.llama_runtime import LlamaRunner
 from common.prompts import chat
 from common.protocol import SamplingParams
-from edge.cloud_client import CloudClient
 from edge.drafter import Drafter
-from edge.generator import GenStats, Generator, Mode, resolve_mode
+from edge.generator import GenStats, Generator, Mode, Piece, resolve_mode
+from edge.link import CloudLink
+from edge.sessions import SessionSlots
 
 
 @dataclass
 class Result:
     text: str
     token_ids: list[int]
+    sources: list[str]
     stats: GenStats
 
     def as_dict(self) -> dict:
@@ -29,36 +32,55 @@ class Result:
 class EdgeNode:
     def __init__(self, cfg: TandemConfig, cloud_url: Optional[str]):
         self.cfg = cfg
-        runner = LlamaRunner(model_path(cfg.models.draft, cfg.models.cache_dir), cfg.draft.n_ctx, cfg.draft.n_threads)
-        self.drafter = Drafter(runner, cfg.draft, cfg.confidence, cfg.switches)
-        self.client = CloudClient(cloud_url, cfg.edge) if cloud_url else None
-        self.generator = Generator(self.drafter, self.client, cfg)
-        self._busy = asyncio.Lock()     # one llama.cpp context: one generation at a time
+        self.runner = LlamaRunner(model_path(cfg.models.draft, cfg.models.cache_dir), cfg.draft.n_ctx,
+                                  cfg.draft.n_threads, n_seq=cfg.edge.max_sessions)
+        self.drafter = Drafter(self.runner, cfg.draft, cfg.confidence, cfg.switches)
+        self.slots = SessionSlots(cfg.edge.max_sessions, cfg.edge.max_queue, self.drafter.release)
+        self.link = CloudLink(cloud_url, cfg.edge) if cloud_url else None
+        self.generator = Generator(self.drafter, self.link, cfg, self.runner.stop_tokens())
+        self.n_vocab = self.runner.n_vocab
+        self.model_name = cfg.models.target
 
     async def __aenter__(self) -> "EdgeNode":
-        if self.client:
-            await self.client.__aenter__()
+        if self.link:
+            await self.link.__aenter__()
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self.client:
-            await self.client.close()
-        self.drafter.runner.llm.close()
+        if self.link:
+            await self.link.close()
+        self.drafter.close()            # the worker leaves llama.cpp before the context is freed
+        self.runner.llm.close()
+
+    @property
+    def active_sessions(self) -> int:
+        return self.slots.active
+
+    @property
+    def queue_depth(self) -> int:
+        return self.slots.waiting
 
     def encode(self, text: str, raw: bool = False) -> list[int]:
         """Token ids of a user message wrapped in the chat template (raw: the text as is)."""
-        return self.drafter.runner.tokenize(text if raw else chat(text))
+        return self.runner.tokenize(text if raw else chat(text))
 
-    def sampling(self, temperature=None, seed=None) -> SamplingParams:
+    def detokenize(self, ids: list[int]) -> bytes:
+        return self.runner.detokenize(ids)
+
+    def sampling(self, temperature=None, seed=None, top_p=None) -> SamplingParams:
         s = self.cfg.sampling
         return SamplingParams(temperature=s.temperature if temperature is None else temperature,
-                              top_k=s.top_k, top_p=s.top_p, seed=s.seed if seed is None else seed)
+                              top_k=s.top_k, top_p=s.top_p if top_p is None else top_p,
+                              seed=s.seed if seed is None else seed)
 
     async def stream(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-                     mode: Optional[Mode], stats_out: list) -> AsyncIterator[tuple[list[int], str]]:
-        """Yield (token_ids, text) pieces as they are committed; appends the GenStats to stats_out."""
+                     mode: Optional[Mode], stats_out: list, arrived: Optional[float] = None) -> AsyncIterator[Piece]:
+        """Yield Pieces as tokens are committed; appends the GenStats to stats_out. Raises EdgeBusy
+        (before yielding) when every slot is taken and the queue is full. Closing the iterator stops
+        the generation and frees its sequence."""
+        arrived = time.perf_counter() if arrived is None else arrived
         mode = resolve_mode(self.cfg, mode)
-        if mode is not Mode.EDGE_ONLY and self.client is None:
+        if mode is not Mode.EDGE_ONLY and self.link is None:
             raise ValueError(f"mode {mode.value} needs a cloud URL")
         limit = self.cfg.draft.n_ctx - len(prompt_ids)
         if limit < 1:
@@ -66,20 +88,22 @@ class EdgeNode:
         stats = GenStats(mode=mode.value)
         stats_out.append(stats)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        async with self._busy:
-            async for ids in self.generator.stream(prompt_ids, min(max_tokens, limit), sampling, stats):
-                yield ids, decoder.decode(self.drafter.runner.detokenize(ids))
+        async with self.slots.slot() as seq:
+            async for ids, sources in self.generator.stream(seq, prompt_ids, min(max_tokens, limit), sampling,
+                                                            stats, arrived):
+                yield Piece(ids, decoder.decode(self.runner.detokenize(ids)), sources)
         tail = decoder.decode(b"", final=True)
         if tail:
-            yield [], tail
+            yield Piece([], tail, [])
 
     async def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                        mode: Optional[Mode] = None, on_text: Optional[Callable[[str], None]] = None) -> Result:
         """The whole answer; `on_text` sees each text piece as it is committed."""
-        ids, parts, box = [], [], []
-        async for toks, text in self.stream(prompt_ids, max_tokens, sampling, mode, box):
-            ids += toks
-            parts.append(text)
+        ids, sources, parts, box = [], [], [], []
+        async for piece in self.stream(prompt_ids, max_tokens, sampling, mode, box):
+            ids += piece.token_ids
+            sources += piece.sources
+            parts.append(piece.text)
             if on_text:
-                on_text(text)
-        return Result("".join(parts), ids, box[0])
+                on_text(piece.text)
+        return Result("".join(parts), ids, sources, box[0])

@@ -257,12 +257,13 @@ class TinyServer:
 @pytest.mark.parametrize("health, says", [
     ({"status": "ok", "draft_model": DRAFT, "cloud": None}, "looks like a Tandem edge"),
     (None, "answered 200 text/html"),
+    ({"status": "ok", "protocol": "tandem/0", "backend": "llama_cpp"}, "speaks Tandem protocol 'tandem/0'"),
 ])
 def test_cloud_url_that_is_not_a_cloud(fake_gguf, health, says):
     with TinyServer(health) as url:
         r = cli("--prompt", "x", "--cloud-url", url, "--set", f"models.draft={fake_gguf}", timeout=60)
     line = one_line_error(r)
-    assert f"{url} is not a Tandem cloud" in line and says in line
+    assert line.startswith(f"error: {url}") and says in line
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -274,6 +275,28 @@ def test_cloud_that_wants_a_token_is_exit_3(fake_gguf, extra, says):
     with TinyServer("token") as url:
         r = cli("--prompt", "x", "--cloud-url", url, "--set", f"models.draft={fake_gguf}", *extra, timeout=60)
     assert says in one_line_error(r, 3)
+
+
+def test_a_real_cloud_is_recognised(tmp_path):
+    """identify_cloud against cloud/server.py's own /health (a table target: no model needed), with
+    and without its auth token."""
+    from cloud.node import CloudNode
+    from common.cloud_identity import identify_cloud
+    from common.errors import CloudError
+    from tests.conftest import TableBackend
+
+    async def body():
+        cfg = load_config(overrides={"cloud.auth_token": "s3cret"})
+        cloud = await CloudNode.start(cfg, "127.0.0.1", 0, backend=TableBackend())
+        try:
+            health = await identify_cloud(cloud.url + "/", "s3cret")
+            with pytest.raises(CloudError, match="requires a bearer token"):
+                await identify_cloud(cloud.url)
+            return health
+        finally:
+            await cloud.close()
+    health = asyncio.run(body())
+    assert health["backend"] and health["protocol"]
 
 
 def test_unreachable_cloud_is_exit_3(fake_gguf):

@@ -7,6 +7,7 @@ in a worker thread behind its admission queue).
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from typing import Optional
 
@@ -19,6 +20,7 @@ class Backend(ABC):
     n_ctx: int
     max_inflight: int = 1      # calls the backend computes at once (the admission queue's width)
     verifies: bool = False     # True: the backend verifies rounds itself (averify/agenerate, in-engine vLLM)
+    exact: bool = False        # True: logits() evaluates each token after the prompt alone (cloud.exact)
 
     @abstractmethod
     def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
@@ -28,13 +30,14 @@ class Backend(ABC):
     _lock: Optional[asyncio.Lock] = None
 
     async def alogits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool,
-                      priority: int) -> tuple[np.ndarray, int]:
+                      priority: int, **exact_kw) -> tuple[np.ndarray, int]:
         """The async entry the verifier uses. Blocking backends run one call at a time in a worker
-        thread; engines that batch (vLLM) override this and take `priority` (lower runs first)."""
+        thread; engines that batch (vLLM) override this and take `priority` (lower runs first).
+        exact_kw: `prompt_len` for exact backends (how much of a fresh session is its prompt)."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            return await asyncio.to_thread(self.logits, session_id, tokens, n_logits, reuse)
+            return await asyncio.to_thread(self.logits, session_id, tokens, n_logits, reuse, **exact_kw)
 
     def post_ahead(self, session_id: str, context: list[int], expect: list[int], draft: list[int], rtt_ms):
         """Draft-ahead (a verifying backend): take a round now that follows the round in flight, which
@@ -63,22 +66,34 @@ class DraftStale(RuntimeError):
 
 
 def make_backend(cfg) -> Backend:
-    """cfg: TandemConfig. Imports the chosen backend lazily (torch and vLLM are optional)."""
+    """cfg: TandemConfig. Imports the chosen backend lazily (torch and vLLM are optional).
+
+    cloud.exact (read here, once): greedy output bit for bit the target alone's on this backend.
+    llama_cpp and torch evaluate every token after the prompt in a decode of its own, as the target
+    alone does (the verifier asks for one position at a time and stops at the first mismatch); vLLM
+    runs its batch-invariant kernels (VLLM_BATCH_INVARIANT=1, with the TRITON_ATTN attention backend
+    unless another is set), so a spec step and a one-token decode compute the same numbers."""
     from common.assets import model_path
-    kind = cfg.cloud.backend
+    kind, exact = cfg.cloud.backend, cfg.cloud.exact
     if kind == "llama_cpp":
         from cloud.backends.llamacpp_backend import LlamaCppBackend
-        return LlamaCppBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx, cfg.cloud.n_threads)
+        return LlamaCppBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx, cfg.cloud.n_threads,
+                               cfg.cloud.n_seq, exact)
     if kind == "torch":
         from cloud.backends.torch_backend import TorchBackend
         return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
-                            cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir)
-    if kind == "vllm" and cfg.cloud.vllm.design == "in_engine":
-        gguf = None if cfg.cloud.vllm.model_dir else model_path(cfg.models.target, cfg.models.cache_dir)
-        return make_vllm_engine(gguf, cfg.cloud.vllm, cfg.cloud.n_ctx, cfg.models.cache_dir)
+                            cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir,
+                            exact)
+    vcfg = cfg.cloud.vllm
+    if exact:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"          # before vLLM is imported; the engine process inherits it
+        vcfg = vcfg.model_copy(update={"attention_backend": vcfg.attention_backend or "TRITON_ATTN"})
+    if kind == "vllm" and vcfg.design == "in_engine":
+        gguf = None if vcfg.model_dir else model_path(cfg.models.target, cfg.models.cache_dir)
+        return make_vllm_engine(gguf, vcfg, cfg.cloud.n_ctx, cfg.models.cache_dir)
     if kind == "vllm":
         from cloud.backends.vllm_backend import VllmBackend
-        return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.vllm, cfg.cloud.n_ctx,
+        return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), vcfg, cfg.cloud.n_ctx,
                            cfg.models.cache_dir)
     raise ValueError(f"unknown backend '{kind}'")
 

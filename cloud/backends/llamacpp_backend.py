@@ -1,8 +1,10 @@
-"""Target on llama.cpp (CPU). One context whose KV cache holds one token sequence: a session's next
-round reuses everything up to its last committed token; switching sessions re-prefills from the
-longest shared prefix. The k+1 positions of a round are evaluated in one batch."""
+"""Target on llama.cpp (CPU). One context with `n_seq` sequences: each recent session owns one, so its
+next round reuses everything up to its last committed token; a session beyond them takes the least
+recently used sequence and re-prefills. The k+1 positions of a round are evaluated in one batch, or
+one token per decode in exact mode (common/llama_runtime.py)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,31 @@ from common.llama_runtime import LlamaRunner
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
 
-    def __init__(self, gguf: Path, n_ctx: int, n_threads: int = 0):
-        self.runner = LlamaRunner(gguf, n_ctx=n_ctx, n_threads=n_threads)
+    def __init__(self, gguf: Path, n_ctx: int, n_threads: int = 0, n_seq: int = 4, exact: bool = False):
+        self.runner = LlamaRunner(gguf, n_ctx=n_ctx, n_threads=n_threads, n_seq=n_seq)
         self.n_vocab = self.runner.n_vocab
         self.n_ctx = n_ctx
+        self.exact = exact
+        self.seqs: OrderedDict[str, int] = OrderedDict()     # session -> sequence, least recently used first
 
-    def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
-        return self.runner.extend_to(tokens, n_logits, reuse=reuse)
+    def _seq(self, session_id: str) -> int:
+        seq = self.seqs.pop(session_id, None)
+        if seq is None:
+            free = set(range(self.runner.n_seq)) - set(self.seqs.values())
+            seq = min(free) if free else self.seqs.popitem(last=False)[1]
+            self.runner.reset(seq)
+        self.seqs[session_id] = seq
+        return seq
+
+    def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool,
+               prompt_len: int | None = None) -> tuple[np.ndarray, int]:
+        return self.runner.extend_to(tokens, n_logits, reuse=reuse, seq=self._seq(session_id),
+                                     exact=self.exact, prompt_len=prompt_len)
+
+    def drop(self, session_id: str) -> None:
+        # Only forget the mapping: a sequence is cleared when it is handed out again, inside a logits
+        # call (the one thread that touches llama.cpp), never while another session's decode runs.
+        self.seqs.pop(session_id, None)
 
     def close(self) -> None:
         self.runner.llm.close()

@@ -1,6 +1,7 @@
 """Target on torch/transformers: the GGUF dequantized (fp32 on CPU is the exact reference; also runs
 on CUDA). The first load dequantizes with transformers' GGUF reader and saves a safetensors copy in
-the cache, so later loads take seconds. Each session keeps its own DynamicCache, cropped on rollback."""
+the cache, so later loads take seconds. Each session keeps its own DynamicCache, cropped on rollback.
+Exact mode (cloud.exact): the same forward-pass shapes as the target alone, so greedy is bit for bit."""
 from __future__ import annotations
 
 import sys
@@ -36,7 +37,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, gguf: Path, n_ctx: int, device: str = "cpu", dtype: str = "float32",
-                 max_sessions: int = 64, cache: str | None = None):
+                 max_sessions: int = 64, cache: str | None = None, exact: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
         self.torch = torch
@@ -47,11 +48,13 @@ class TorchBackend(Backend):
         self.n_vocab = self.model.config.vocab_size
         self.n_ctx = min(n_ctx, self.model.config.max_position_embeddings)
         self.max_sessions = max_sessions
-        self.sessions: OrderedDict[str, tuple[list[int], object]] = OrderedDict()
+        self.exact = exact       # exact mode: the prompt in one forward pass, every later token alone
+        self.sessions: OrderedDict[str, tuple[list[int], object, int]] = OrderedDict()   # tokens, KV, prompt length
 
-    def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> tuple[np.ndarray, int]:
+    def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool,
+               prompt_len: int | None = None) -> tuple[np.ndarray, int]:
         from transformers import DynamicCache
-        cached, cache = self.sessions.pop(session_id, ([], None))
+        cached, cache, n_prompt = self.sessions.pop(session_id, ([], None, 0))
         keep = 0
         if reuse and cache is not None:
             keep = max(min(common_prefix(cached, tokens), len(tokens) - n_logits), 0)
@@ -60,13 +63,25 @@ class TorchBackend(Backend):
                 cache.crop(-extra)     # drop the rejected/stale tail
         if keep == 0:
             cache = DynamicCache(config=self.model.config)
-        ids = self.torch.tensor([tokens[keep:]], device=self.device)
+            n_prompt = prompt_len if prompt_len is not None else len(tokens) - n_logits + 1
+        # fp32 matmuls also depend on shapes (a k+1-row product rounds differently from k+1 one-row
+        # products), so exact mode runs the same forward passes as the target alone: the prompt at
+        # once, then one token per pass. The default mode evaluates all new tokens in one pass.
+        passes = [tokens[keep:]]
+        if self.exact:
+            batched = min(max(n_prompt - keep, 0), len(tokens) - keep)
+            passes = ([tokens[keep:keep + batched]] if batched else []) + [[t] for t in tokens[keep + batched:]]
+        rows = []
         with self.torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=n_logits)
-        self.sessions[session_id] = (list(tokens), out.past_key_values)
+            for ids in passes:
+                out = self.model(input_ids=self.torch.tensor([ids], device=self.device), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=min(n_logits, len(ids)))
+                cache = out.past_key_values
+                rows.append(out.logits[0].float().cpu().numpy())
+        self.sessions[session_id] = (list(tokens), cache, n_prompt)
         while len(self.sessions) > self.max_sessions:
             self.sessions.popitem(last=False)
-        return out.logits[0, -n_logits:].float().cpu().numpy(), keep
+        return np.concatenate(rows)[-n_logits:], keep
 
     def drop(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
