@@ -117,6 +117,8 @@ class CloudConfig(_Section):
     backend: str = Field("llama_cpp", pattern="^(llama_cpp|torch|vllm)$")
     n_ctx: int = Field(4096, ge=256)
     n_threads: int = Field(0, ge=0)
+    n_seq: int = Field(4, ge=1, le=64)       # llama_cpp backend: sessions whose KV stays resident (n_ctx tokens each)
+    exact: bool = False                      # greedy output bit for bit the target alone's (see cloud/backends/base.py)
     max_draft: int = Field(16, ge=1, le=64)
     max_sessions: int = Field(64, ge=1)
     session_ttl_s: float = Field(600.0, gt=0)
@@ -151,6 +153,9 @@ class EdgeConfig(_Section):
     allow_insecure: bool = False             # start_edge.py: serve a non-loopback host without api_keys
     max_body_bytes: int = Field(1 << 20, ge=1024)       # larger request bodies get 413
     emulated_rtt_ms: float = Field(0.0, ge=0.0)   # experiments: add this delay to every cloud call (half each way)
+    max_sessions: int = Field(8, ge=1, le=64)     # generations drafted at once (one draft-model sequence each)
+    max_queue: int = Field(32, ge=0)              # more wait in a queue this long; past it: HTTP 429 + Retry-After
+    fallback: str = Field("edge_only", pattern="^(edge_only|fail)$")   # cloud unreachable mid-answer
 
 
 class Switches(_Section):
@@ -160,6 +165,7 @@ class Switches(_Section):
     cloud_only: bool = False         # edge/generator.py resolve_mode: target-only through the cloud
     kv_cache: bool = True            # edge/generator.py Generator.__init__: edge KV reuse + cloud prefix reuse
     health_priority: bool = True     # cloud/verifier.py Verifier.__init__: off = FIFO admission
+    batched_drafting: bool = True    # edge/drafter.py Drafter.__init__: off = one session's draft at a time
 
 
 class TandemConfig(_Section):
