@@ -14,13 +14,13 @@ import logging
 import sys
 
 from common.auth import check_exposure, is_loopback
-from common.cli import run_async, wait_forever
+from common.cli import HelpFormatter, run_async, wait_forever
 from common.config import add_config_args, config_from_args
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Tandem cloud node (target verifier).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--host", default=None, help="bind address (default: cloud.host)")
     ap.add_argument("--port", type=int, default=None, help="port, 0 = any free (default: cloud.port)")
     ap.add_argument("--backend", choices=["llama_cpp", "torch", "vllm"], default=None,
@@ -28,6 +28,8 @@ def parse_args(argv=None):
     ap.add_argument("--n-ctx", type=int, default=None, help="target context window (default: cloud.n_ctx)")
     ap.add_argument("--max-draft", type=int, default=None, help="longest accepted draft (default: cloud.max_draft)")
     ap.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1/*, /stats, /metrics")
+    ap.add_argument("--exact", action="store_true", default=None,
+                    help="greedy output bit for bit the target alone's (cloud.exact; costs speed)")
     ap.add_argument("--insecure", action="store_true", default=None,
                     help="allow a non-loopback --host without a token (cloud.allow_insecure)")
     add_config_args(ap)
@@ -38,7 +40,8 @@ async def serve(args) -> None:
     from cloud.node import CloudNode
     cfg = config_from_args(args, {"cloud.host": args.host, "cloud.port": args.port, "cloud.backend": args.backend,
                                   "cloud.n_ctx": args.n_ctx, "cloud.max_draft": args.max_draft,
-                                  "cloud.auth_token": args.auth_token, "cloud.allow_insecure": args.insecure})
+                                  "cloud.auth_token": args.auth_token, "cloud.allow_insecure": args.insecure,
+                                  "cloud.exact": args.exact})
     check_exposure(cfg.cloud.host, cfg.cloud.auth_token, cfg.cloud.allow_insecure, "cloud")
     if not is_loopback(cfg.cloud.host) and not cfg.cloud.auth_token:
         print(f"warning: serving the cloud on {cfg.cloud.host or 'every interface'} with no token (--insecure): "

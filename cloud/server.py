@@ -31,6 +31,7 @@ from common.protocol import (PROTOCOL_VERSION, ErrorResponse, GenerateChunk, Gen
 log = logging.getLogger("tandem.cloud")
 VERIFIER = web.AppKey("verifier", Verifier)
 CONFIG = web.AppKey("config", TandemConfig)
+TOKENIZER = web.AppKey("tokenizer", object)
 MONITORING = ("/stats", "/metrics")
 WS_ROUNDS_IN_FLIGHT = 256      # per WebSocket: past this the socket is not read until a round ends
 
@@ -204,7 +205,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "protocol": PROTOCOL_VERSION, "backend": v.backend.name,
                               "n_vocab": v.backend.n_vocab, "n_ctx": v.backend.n_ctx,
                               "max_draft": v.cfg.max_draft, "sessions": len(v.sessions),
-                              "frontend_pid": os.getpid()})
+                              "tokenizer": request.app[TOKENIZER], "frontend_pid": os.getpid()})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -217,10 +218,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[VERIFIER].stats.prometheus(), content_type="text/plain")
 
 
+def target_tokenizer(cfg: TandemConfig):
+    """The target's tokenizer fingerprint, published on /health so that an edge can refuse a cloud whose
+    vocabulary is not its draft's (None where the target is no GGUF of ours, e.g. a vLLM model_dir)."""
+    from common.assets import AssetError, cache_dir, model_file
+    from common.tokenizer_check import fingerprint_file, public
+    if cfg.cloud.backend == "vllm" and cfg.cloud.vllm.model_dir:
+        return None
+    try:
+        return public(fingerprint_file(model_file(cfg.models, "target"), cache=cache_dir(cfg.models.cache_dir)))
+    except (AssetError, OSError, ValueError):
+        return None
+
+
 def make_app(verifier: Verifier, cfg: TandemConfig) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=cfg.cloud.max_body_bytes)
     app[VERIFIER] = verifier
     app[CONFIG] = cfg
+    app[TOKENIZER] = target_tokenizer(cfg)
     app.router.add_post("/v1/verify", verify)
     app.router.add_get("/v1/ws", verify_ws)
     app.router.add_post("/v1/generate", generate)

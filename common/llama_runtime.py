@@ -75,12 +75,9 @@ class LlamaRunner:
         return ids[0] if len(ids) == 1 else None
 
     def stop_tokens(self) -> set[int]:
-        stops = {self.llm.token_eos()}
-        for piece in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.token_id(piece)
-            if tid is not None:
-                stops.add(tid)
-        return stops
+        """Every end-of-generation token of the GGUF's vocabulary (EOS, <|im_end|>, <|eot_id|>, ...)."""
+        vocab = self._lib.llama_model_get_vocab(self.llm.model)
+        return {t for t in range(self.n_vocab) if self._lib.llama_vocab_is_eog(vocab, t)} | {self.llm.token_eos()}
 
     # --- KV cache --------------------------------------------------------------------------------
     def rollback(self, pos: int, seq: int = 0) -> None:

@@ -78,6 +78,7 @@ class Drafter:
         self.batched = switches.batched_drafting    # the one read of this switch: off = one draft at a time
         self.steps = 0                              # llama_decode batches run
         self.batched_tokens = 0                     # tokens they carried
+        self.widest = 0                             # most sessions one step has advanced together
         self._jobs: list[_Job] = []                 # due, not yet taken by the worker
         self._released: list[int] = []              # sequences to clear before anything else runs
         self._wake = threading.Condition()
@@ -162,6 +163,7 @@ class Drafter:
         rows = self.runner.decode_batch(work)
         self.steps += 1
         self.batched_tokens += sum(len(t) for _, t, _ in work)
+        self.widest = max(self.widest, len(work))
         return [job for job, row in zip(active, rows) if not self._advance(job, row[-1])]
 
     def _advance(self, job: _Job, row: np.ndarray) -> bool:

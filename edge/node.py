@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
-from common.assets import model_path
+from common.assets import model_file
+from common.chat_template import ChatTemplate
 from common.config import TandemConfig
 from common.llama_runtime import LlamaRunner
-from common.prompts import chat
 from common.protocol import SamplingParams
+from common.tokenizer_check import check_pair, fingerprint
 from edge.drafter import Drafter
 from edge.generator import GenStats, Generator, Mode, Piece, resolve_mode
 from edge.link import CloudLink
@@ -32,8 +33,9 @@ class Result:
 class EdgeNode:
     def __init__(self, cfg: TandemConfig, cloud_url: Optional[str]):
         self.cfg = cfg
-        self.runner = LlamaRunner(model_path(cfg.models.draft, cfg.models.cache_dir), cfg.draft.n_ctx,
-                                  cfg.draft.n_threads, n_seq=cfg.edge.max_sessions)
+        self.runner = LlamaRunner(model_file(cfg.models, "draft"), cfg.draft.n_ctx, cfg.draft.n_threads,
+                                  n_seq=cfg.edge.max_sessions)
+        self.template = ChatTemplate.from_llama(self.runner.llm)      # the GGUF's own chat template
         self.drafter = Drafter(self.runner, cfg.draft, cfg.confidence, cfg.switches)
         self.slots = SessionSlots(cfg.edge.max_sessions, cfg.edge.max_queue, self.drafter.release)
         self.link = CloudLink(cloud_url, cfg.edge) if cloud_url else None
@@ -44,6 +46,10 @@ class EdgeNode:
     async def __aenter__(self) -> "EdgeNode":
         if self.link:
             await self.link.__aenter__()
+            if self.link.up:         # a cloud that is up must speak our draft's vocabulary
+                health = await self.link.check_identity()
+                if isinstance(health.get("tokenizer"), dict):
+                    check_pair(fingerprint(self.runner.llm), health["tokenizer"])
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -62,7 +68,12 @@ class EdgeNode:
 
     def encode(self, text: str, raw: bool = False) -> list[int]:
         """Token ids of a user message wrapped in the chat template (raw: the text as is)."""
-        return self.runner.tokenize(text if raw else chat(text))
+        return self.runner.tokenize(text if raw else self.template.render([{"role": "user", "content": text}]))
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the chat template, ready for the assistant's turn
+        (ValueError names a bad role or content)."""
+        return self.runner.tokenize(self.template.render(messages))
 
     def detokenize(self, ids: list[int]) -> bytes:
         return self.runner.detokenize(ids)

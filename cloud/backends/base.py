@@ -73,15 +73,15 @@ def make_backend(cfg) -> Backend:
     alone does (the verifier asks for one position at a time and stops at the first mismatch); vLLM
     runs its batch-invariant kernels (VLLM_BATCH_INVARIANT=1, with the TRITON_ATTN attention backend
     unless another is set), so a spec step and a one-token decode compute the same numbers."""
-    from common.assets import model_path
+    from common.assets import model_file
     kind, exact = cfg.cloud.backend, cfg.cloud.exact
     if kind == "llama_cpp":
         from cloud.backends.llamacpp_backend import LlamaCppBackend
-        return LlamaCppBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx, cfg.cloud.n_threads,
+        return LlamaCppBackend(model_file(cfg.models, "target"), cfg.cloud.n_ctx, cfg.cloud.n_threads,
                                cfg.cloud.n_seq, exact)
     if kind == "torch":
         from cloud.backends.torch_backend import TorchBackend
-        return TorchBackend(model_path(cfg.models.target, cfg.models.cache_dir), cfg.cloud.n_ctx,
+        return TorchBackend(model_file(cfg.models, "target"), cfg.cloud.n_ctx,
                             cfg.cloud.torch_device, cfg.cloud.torch_dtype, cfg.cloud.max_sessions, cfg.models.cache_dir,
                             exact)
     vcfg = cfg.cloud.vllm
@@ -89,11 +89,11 @@ def make_backend(cfg) -> Backend:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"          # before vLLM is imported; the engine process inherits it
         vcfg = vcfg.model_copy(update={"attention_backend": vcfg.attention_backend or "TRITON_ATTN"})
     if kind == "vllm" and vcfg.design == "in_engine":
-        gguf = None if vcfg.model_dir else model_path(cfg.models.target, cfg.models.cache_dir)
+        gguf = None if vcfg.model_dir else model_file(cfg.models, "target")
         return make_vllm_engine(gguf, vcfg, cfg.cloud.n_ctx, cfg.models.cache_dir)
     if kind == "vllm":
         from cloud.backends.vllm_backend import VllmBackend
-        return VllmBackend(model_path(cfg.models.target, cfg.models.cache_dir), vcfg, cfg.cloud.n_ctx,
+        return VllmBackend(model_file(cfg.models, "target"), vcfg, cfg.cloud.n_ctx,
                            cfg.models.cache_dir)
     raise ValueError(f"unknown backend '{kind}'")
 

@@ -22,6 +22,7 @@ class LlamaCppBackend(Backend):
         self.n_ctx = n_ctx
         self.exact = exact
         self.seqs: OrderedDict[str, int] = OrderedDict()     # session -> sequence, least recently used first
+        self.prompt_lens: dict[str, int] = {}                 # exact mode: each session's prompt, for re-prefills
 
     def _seq(self, session_id: str) -> int:
         seq = self.seqs.pop(session_id, None)
@@ -34,13 +35,16 @@ class LlamaCppBackend(Backend):
 
     def logits(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool,
                prompt_len: int | None = None) -> tuple[np.ndarray, int]:
+        if prompt_len is not None or session_id not in self.prompt_lens:
+            self.prompt_lens[session_id] = prompt_len or len(tokens) - n_logits + 1
         return self.runner.extend_to(tokens, n_logits, reuse=reuse, seq=self._seq(session_id),
-                                     exact=self.exact, prompt_len=prompt_len)
+                                     exact=self.exact, prompt_len=self.prompt_lens[session_id])
 
     def drop(self, session_id: str) -> None:
         # Only forget the mapping: a sequence is cleared when it is handed out again, inside a logits
         # call (the one thread that touches llama.cpp), never while another session's decode runs.
         self.seqs.pop(session_id, None)
+        self.prompt_lens.pop(session_id, None)
 
     def close(self) -> None:
         self.runner.llm.close()
