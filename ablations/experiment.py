@@ -1,0 +1,267 @@
+"""An experiment file (ablations/experiments/*.yaml): one question, its workload, the links, and a
+matrix of configuration rows. Validated as common/config.py validates the config (pydantic,
+extra=forbid): a bad key or value is one line naming it.
+
+  name: rtt_sweep
+  question: At my users' RTTs, what does a user see?        # one line
+  workload: {datasets: [humaneval, mtbench], split: heldout, num_prompts: 6, max_tokens: 48, max_concurrency: 1}
+  links: ["rtt=5", "rtt=20", "rtt=500,jitter=10"]          # ablations/linkemu.py LinkProfile strings
+  base: {cloud.n_ctx: 2048}                                 # config overrides of every row
+  matrix:                                                   # row label -> config overrides
+    edge_cloud: {}
+    cloud_only: {switches.cloud_only: true}
+    edge_only: {switches.draft_verify: false}
+  repeats: 1
+  plots: [{kind: vs_rtt, metrics: [per_user_tok_s, ttft_ms_p50]}]
+
+Cells are rows x links x repeats. A row whose configuration needs no cloud (edge-only) sends nothing
+over a link, so it runs once per repeat and stands for every link.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.config import ConfigError, TandemConfig, load_config, parse_override
+
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+LABEL = r"^[a-z][a-z0-9_]*$"
+# what a report can show per (row, link, dataset); ablations/runner.py computes them
+METRICS = ("per_user_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
+           "e2el_ms_p50", "output_throughput", "tau", "acceptance", "rounds_per_100_tokens",
+           "compute_ms_per_token", "draft_ms_per_round", "verify_ms_p50", "bound_round_ms", "bound_tok_s",
+           "bound_tpot_ms", "completed", "failed")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file or --set; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Workload(_Strict):
+    """What the clients send (ablations/bench.py): prompts of each dataset, one benchmark per dataset."""
+    datasets: list[Literal["humaneval", "mtbench"]] = Field(min_length=1)
+    split: Literal["all", "tune", "heldout"] = "heldout"     # measurements use held-out prompts
+    num_prompts: int = Field(ge=1)                            # per dataset
+    max_tokens: int = Field(ge=1, le=8192)
+    request_rate: float = Field(math.inf, gt=0)               # requests/s (Poisson; inf: all at once)
+    burstiness: float = Field(1.0, gt=0)                      # gamma shape of the arrivals (1: Poisson)
+    max_concurrency: Optional[int] = Field(1, ge=1)           # requests in flight at most (1: one user at a time)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int = Field(0, ge=0)
+    goodput: list[str] = []                                   # SLOs as vLLM's --goodput: "ttft:2000", "tpot:100"
+    warmup: bool = True                                       # one short unmeasured request per cell first
+
+    @field_validator("goodput")
+    @classmethod
+    def _slos(cls, v):
+        from ablations.bench import parse_goodput
+        parse_goodput(v)            # ValueError: "goodput 'x' is not KEY:MS (keys ttft, tpot, e2el)"
+        return v
+
+
+class Plot(_Strict):
+    kind: Literal["bars", "vs_rtt"]      # bars: one bar per row; vs_rtt: metric against link RTT, a line per row
+    metrics: list[str] = Field(default_factory=lambda: ["per_user_tok_s", "ttft_ms_p50", "tpot_ms_p50", "tau"],
+                               min_length=1)
+    bound: bool = False                  # vs_rtt: draw the per-round bound beside tok/s and TPOT
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v):
+        bad = [m for m in v if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; known: {', '.join(METRICS)}")
+        return v
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=LABEL)
+    question: str = Field(min_length=1)
+    notes: str = ""                      # shown in the report under the table
+    workload: Workload
+    links: list[str] = Field(min_length=1)
+    base: dict[str, Any] = {}            # config overrides of every row (dotted keys)
+    matrix: dict[str, dict[str, Any]] = Field(min_length=1)
+    repeats: int = Field(1, ge=1)
+    table: list[str] = Field(default_factory=lambda: ["per_user_tok_s", "ttft_ms_p50", "tpot_ms_p50", "tau",
+                                                      "acceptance"])
+    plots: list[Plot] = []
+
+    @field_validator("question")
+    @classmethod
+    def _one_line(cls, v):
+        if "\n" in v.strip():
+            raise ValueError("must be one line")
+        return v.strip()
+
+    @field_validator("matrix")
+    @classmethod
+    def _labels(cls, v):
+        import re
+        bad = [k for k in v if not re.match(LABEL, k)]
+        if bad:
+            raise ValueError(f"row labels must match {LABEL}: {bad}")
+        return v
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v):
+        return Plot._known(v)
+
+    @field_validator("links")
+    @classmethod
+    def _links(cls, v):
+        for s in v:
+            link_rtt_ms(s)          # raises ValueError naming the bad profile
+        return v
+
+    @model_validator(mode="after")
+    def _rows_are_configs(self):
+        """Every row's configuration must load: a misspelt switch fails here, before any process starts."""
+        try:
+            load_config(overrides=self.base)
+        except ConfigError as e:
+            raise ValueError(f"base (every row, and --set): {e}") from None
+        for label in self.matrix:
+            try:
+                row_config(self, label)
+            except ConfigError as e:
+                raise ValueError(f"matrix.{label}: {e}") from None
+        return self
+
+
+def link_rtt_ms(profile: str) -> float:
+    from ablations.linkemu import LinkProfile
+    try:
+        return float(LinkProfile.parse(profile).rtt_ms)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"bad link profile '{profile}': {e}") from None
+
+
+def row_overrides(exp: Experiment, label: str) -> dict[str, Any]:
+    """The row's config overrides: the experiment's base, then the row's own."""
+    return {**exp.base, **exp.matrix[label]}
+
+
+def row_config(exp: Experiment, label: str) -> TandemConfig:
+    return load_config(overrides=row_overrides(exp, label))
+
+
+def row_mode(exp: Experiment, label: str) -> str:
+    """edge_cloud | edge_only | cloud_only: what the row's configuration makes of the edge."""
+    from edge.generator import resolve_mode
+    return resolve_mode(row_config(exp, label)).value
+
+
+def _format(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ExperimentError(f"--set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_experiment(path: str | Path, sets: list[str] = (), repeats: Optional[int] = None,
+                    quick: bool = False) -> Experiment:
+    """Read and validate an experiment file. `sets` ("key=value"): a key under one of the experiment's
+    own fields (workload.num_prompts=2, links=[rtt=5], repeats=3) changes the experiment; any other key
+    is a config override added to `base` (draft.max_k=6), so it applies to every row (a row's own
+    overrides still win). quick: one prompt per dataset, 16 tokens, one repeat (a smoke run)."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ExperimentError(f"experiment file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"experiment file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ExperimentError(f"experiment file {path}: top level must be a mapping")
+    for item in sets:
+        try:
+            key, value = parse_override(item)
+        except ConfigError as e:
+            raise ExperimentError(f"--set {e}") from None
+        if key.split(".")[0] in Experiment.model_fields:
+            _set_dotted(tree, key, value)
+        else:
+            tree.setdefault("base", {})
+            if not isinstance(tree["base"], dict):
+                raise ExperimentError("base: must be a mapping")
+            tree["base"][key] = value
+    if repeats is not None:
+        tree["repeats"] = repeats
+    if quick and isinstance(tree.get("workload"), dict):
+        tree["workload"].update(num_prompts=1, max_tokens=16)
+        tree["repeats"] = 1
+    try:
+        return Experiment.model_validate(tree)
+    except ValidationError as e:
+        raise ExperimentError(f"{path}: {_format(e)}") from None
+
+
+def experiment_files() -> list[Path]:
+    return sorted(EXPERIMENTS.glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a row's configuration over one link (None: the row needs no cloud), one repeat."""
+    row: str
+    mode: str
+    overrides: tuple[tuple[str, Any], ...]
+    link: Optional[str]
+    repeat: int
+
+    @property
+    def needs_cloud(self) -> bool:
+        return self.mode != "edge_only"
+
+    @property
+    def rtt_ms(self) -> Optional[float]:
+        return None if self.link is None else link_rtt_ms(self.link)
+
+    @property
+    def slug(self) -> str:
+        link = "nolink" if self.link is None else self.link.replace("=", "").replace(",", "_")
+        return f"{self.row}__{link}__r{self.repeat}"
+
+    def set_args(self) -> list[str]:
+        """The overrides as command-line flags of start_cloud.py / start_edge.py (JSON is YAML)."""
+        out = []
+        for key, value in self.overrides:
+            out += ["--set", f"{key}={json.dumps(value)}"]
+        return out
+
+
+def cells(exp: Experiment) -> list[Cell]:
+    """rows x links x repeats, repeats outermost (a slow drift of the machine spreads over all rows);
+    a row without a cloud once per repeat."""
+    out = []
+    for repeat in range(exp.repeats):
+        for label in exp.matrix:
+            mode = row_mode(exp, label)
+            overrides = tuple(row_overrides(exp, label).items())
+            links = [None] if mode == "edge_only" else exp.links
+            out += [Cell(label, mode, overrides, link, repeat) for link in links]
+    return out
