@@ -1,0 +1,335 @@
+"""Run an experiment file: for each cell (row x link x repeat) start the cloud, the link emulator and
+the edge as processes (ablations/processes.py), warm up, run the serving benchmark (ablations/bench.py)
+against the edge's OpenAI API once per dataset, scrape both nodes' /stats around each benchmark, stop
+the processes, and write the result (ablations/report.py).
+
+  python -m ablations run ablations/experiments/rtt_sweep.yaml                    # -> /tmp/tandem-results/...
+  python -m ablations run ablations/experiments/switches.yaml --out ablations/results   # refresh the committed report
+
+A cell that fails is recorded with its reason and the tail of its processes' logs; the others still
+run. The JSON is rewritten after every cell, so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from ablations import report
+from ablations.experiment import Cell, Experiment, cells
+from ablations.processes import ROOT, ProcessFailed, Stack, start_cloud, start_edge, start_link
+
+RESULTS_TMP = Path("/tmp/tandem-results")
+CALIBRATION = ROOT / "ablations" / "results" / "linkemu_calibration.md"
+START_TIMEOUT_S = 300.0        # loading a model on a busy 2-core machine can take a while
+WARMUP_TOKENS = 8
+
+
+class CellFailed(RuntimeError):
+    """A cell's benchmark failed; the message carries the tails of its processes' logs."""
+
+
+def default_out(name: str) -> Path:
+    return RESULTS_TMP / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- what the run ran on ---------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _load() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return "unknown"
+
+
+def environment(command: str) -> dict:
+    commit = _git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    versions = {"python": platform.python_version()}
+    for dist in ("llama_cpp_python", "aiohttp", "numpy", "vllm", "torch"):
+        v = _version(dist)
+        if v is not None:
+            versions[dist.replace("_python", "").replace("_", "-")] = v
+    meta = {"command": command, "commit": commit + ("+uncommitted" if dirty else ""),
+            "machine": f"{_cpu_model()} ({platform.machine()}), {platform.system()} {platform.release()}",
+            "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": versions, "load_start": _load()}
+    if CALIBRATION.exists():
+        meta["linkemu_calibration"] = str(CALIBRATION.relative_to(ROOT))
+    return meta
+
+
+def what_was_real(exp: Experiment) -> str:
+    from common.config import load_config
+    cfg = load_config(overrides=exp.base)
+    return (f"Real: the cloud (`start_cloud.py`, {cfg.cloud.backend} backend, target {cfg.models.target}) and the edge "
+            f"(`start_edge.py`, llama.cpp, draft {cfg.models.draft}) ran as separate processes on this machine, a "
+            f"fresh pair per cell; every byte between them crossed loopback TCP through the link emulator "
+            f"(`python -m ablations.linkemu`, a process of its own); the clients were ablations/bench.py driving the "
+            f"edge's OpenAI API (`/v1/chat/completions`, streamed) over HTTP. Nothing was replayed or simulated.")
+
+
+# --- one cell ------------------------------------------------------------------------------------
+def _diff(after: Optional[dict], before: Optional[dict], keys: tuple[str, ...]) -> dict:
+    if after is None or before is None:
+        return {}
+    return {k: (after.get(k) or 0) - (before.get(k) or 0) for k in keys}
+
+
+EDGE_COUNTERS = ("generations", "tokens", "rounds", "drafted", "accepted", "fallbacks", "errors",
+                 "tokens_draft", "tokens_target", "tokens_edge")
+COUNTS = ("completed", "failed")
+CLOUD_COUNTERS = ("requests", "rounds", "generated_tokens", "drafted", "accepted", "late_rounds", "evicted_sessions")
+
+
+def summarise(mode: str, rtt_ms: Optional[float], bench: dict, cloud_after: Optional[dict]) -> dict:
+    """The figures of one (cell, dataset) from the benchmark's output (ablations/bench.py: vLLM's
+    fields, and per request the generation's own figures from its last chunk) and the cloud's /stats."""
+    tandem = bench.get("tandem") or {}
+    ok = [i for i, e in enumerate(bench.get("errors") or []) if not e]
+    per_user = [bench["output_lens"][i] / bench["latencies"][i] for i in ok
+                if bench["output_lens"][i] and bench["latencies"][i] > 0]
+    figs = [r["figures"] for r in tandem.get("requests") or [] if r.get("success") and r.get("figures")]
+    rounds = sum(f.get("rounds") or 0 for f in figs)
+    tokens = sum(f.get("tokens") or 0 for f in figs)
+    draft_ms = sum((f.get("draft_ms_per_round") or 0) * (f.get("rounds") or 0) for f in figs)
+    compute_ms = sum((f.get("compute_ms_per_round") or 0) * (f.get("rounds") or 0) for f in figs)
+    m = {
+        "per_user_tok_s": round(float(np.median(per_user)), 2) if per_user else None,
+        "ttft_ms_p50": bench.get("median_ttft_ms"), "ttft_ms_p99": bench.get("p99_ttft_ms"),
+        "tpot_ms_p50": bench.get("median_tpot_ms"), "tpot_ms_p99": bench.get("p99_tpot_ms"),
+        "itl_ms_p50": bench.get("median_itl_ms"), "e2el_ms_p50": bench.get("median_e2el_ms"),
+        "output_throughput": bench.get("output_throughput"),
+        "tau": tandem.get("tau"), "acceptance": tandem.get("acceptance_rate"),
+        "rounds_per_100_tokens": round(100 * rounds / tokens, 2) if rounds and tokens else None,
+        "compute_ms_per_token": tandem.get("cloud_compute_ms_per_token"),
+        "draft_ms_per_round": round(draft_ms / rounds, 2) if rounds else None,
+        "verify_ms_p50": ((cloud_after or {}).get("latency_ms") or {}).get("p50"),
+        "completed": bench.get("completed"), "failed": bench.get("failed"),
+    }
+    m.update(bound(mode, rtt_ms, m["tau"], rounds, draft_ms, compute_ms))
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}
+
+
+def bound(mode: str, rtt_ms: Optional[float], tau: Optional[float], rounds: int, draft_ms: float,
+          compute_ms: float) -> dict:
+    """The per-round bound of edge-cloud speculation, from the cell's own measurements: a round costs
+    at least k*t_draft (the edge's draft ms of the round) + RTT (the link's) + t_verify (the cloud's
+    compute ms of the round, as the cloud reported it) and commits tau tokens. So tok/s per user
+    <= 1000 * tau / round_ms and TPOT >= round_ms / tau. None for the other modes (no rounds)."""
+    if mode != "edge_cloud" or not rounds or not tau:
+        return {"bound_round_ms": None, "bound_tok_s": None, "bound_tpot_ms": None}
+    round_ms = draft_ms / rounds + (rtt_ms or 0.0) + compute_ms / rounds
+    return {"bound_round_ms": round_ms, "bound_tok_s": 1e3 * tau / round_ms, "bound_tpot_ms": round_ms / tau}
+
+
+async def _warmup(url: str) -> None:
+    import aiohttp
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+                "max_tokens": WARMUP_TOKENS, "temperature": 0.0}) as r:
+            body = await r.json(content_type=None)
+            if r.status != 200:
+                raise RuntimeError(f"warm-up request failed: HTTP {r.status} {body}")
+
+
+def _link_stats(log_path: Path) -> Optional[dict]:
+    with contextlib.suppress(OSError, ValueError):
+        for line in reversed(log_path.read_text(errors="replace").splitlines()):
+            if line.startswith("linkemu stats "):
+                return json.loads(line[len("linkemu stats "):])
+    return None
+
+
+def _start(stack: Stack, cell: Cell, seed: int):
+    """cloud -> link emulator -> edge, each ready before the next starts (none of the first two for a
+    row without a cloud)."""
+    set_args, cloud, link = cell.set_args(), None, None
+    if cell.needs_cloud:
+        cloud = start_cloud(stack, set_args, START_TIMEOUT_S)
+        link = start_link(stack, cloud.url, cell.link, seed, START_TIMEOUT_S)
+    edge = start_edge(stack, link.url if link else None, set_args, START_TIMEOUT_S)
+    return edge, cloud, link
+
+
+def _measure(w, cell: Cell, edge, cloud, reqs: list) -> dict:
+    """One benchmark against the edge, the nodes' /stats scraped before and after."""
+    from ablations.bench import parse_goodput, run_benchmark
+    e0, c0 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
+    t = time.perf_counter()
+    bench = asyncio.run(run_benchmark(
+        edge.url, reqs, request_rate=w.request_rate, burstiness=w.burstiness, max_concurrency=w.max_concurrency,
+        goodput=parse_goodput(w.goodput) or None, api_key=None, temperature=w.temperature, seed=w.seed,
+        headers_for=None, percentiles=(50, 90, 99), progress=False))
+    wall = time.perf_counter() - t
+    e1, c1 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
+    return {**summarise(cell.mode, cell.rtt_ms, bench, c1), "wall_s": round(wall, 1), "bench": bench,
+            "edge_stats": _diff(e1, e0, EDGE_COUNTERS),
+            "cloud_stats": {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"),
+                            "queue_ms": c1.get("queue_ms")} if c1 else None}
+
+
+def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Path) -> dict:
+    """Start the cell's processes, run one benchmark per dataset, stop them; the cell's record."""
+    w = exp.workload
+    record: dict[str, Any] = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
+                              "repeat": cell.repeat, "overrides": dict(cell.overrides),
+                              "logs": str(log_dir), "datasets": {}}
+    t0 = time.perf_counter()
+    link = None
+    with Stack(log_dir) as stack:
+        try:
+            edge, cloud, link = _start(stack, cell, w.seed)
+            record["startup_s"] = round(time.perf_counter() - t0, 1)
+            if w.warmup:
+                asyncio.run(_warmup(edge.url))
+            for ds, reqs in requests.items():
+                record["datasets"][ds] = _measure(w, cell, edge, cloud, reqs)
+        except ProcessFailed:
+            raise
+        except Exception as e:         # the benchmark or a scrape failed: say why, with every process's log
+            tails = "\n".join(f"--- {p.name} ({p.log_path}):\n{p.tail(15)}" for p in stack.procs)
+            raise CellFailed(f"{type(e).__name__}: {e}\n{tails}") from e
+    record["processes"] = stack.stopped
+    if link is not None:
+        record["link_stats"] = _link_stats(link.log_path)
+    record["wall_s"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+# --- the whole experiment --------------------------------------------------------------------------
+def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
+    """One row per (matrix row, link, dataset): the mean over repeats of each figure. A row without a
+    cloud was measured once (per repeat) and stands for every link."""
+    from ablations.experiment import METRICS, link_rtt_ms
+    out = []
+    for label in exp.matrix:
+        for link in exp.links:
+            for ds in exp.workload.datasets:
+                runs = [r for r in records if r["row"] == label and r["link"] in (link, None)
+                        and ds in r.get("datasets", {})]
+                failed = [r for r in records if r["row"] == label and r["link"] in (link, None) and r.get("error")]
+                if not runs and not failed:
+                    continue
+                mode = (runs or failed)[0]["mode"]
+                row = {"row": label, "mode": mode, "link": link if mode != "edge_only" else None,
+                       "rtt_ms": link_rtt_ms(link), "dataset": ds, "repeats": len(runs),
+                       "measured_once": mode == "edge_only"}
+                for m in METRICS:
+                    vals = [r["datasets"][ds].get(m) for r in runs]
+                    vals = [v for v in vals if v is not None]
+                    mean = float(np.mean(vals)) if vals else None
+                    row[m] = None if mean is None else int(mean) if mean.is_integer() and m in COUNTS else round(mean, 3)
+                    if len(vals) > 1:
+                        row.setdefault("spread", {})[m] = [min(vals), max(vals)]
+                if failed and not runs:
+                    row["error"] = failed[0]["error"]
+                out.append(row)
+    return out
+
+
+def _command(argv: Optional[list[str]]) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "python -m ablations " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None) -> tuple[dict, bool]:
+    """Run every cell; write <out>/<name>.{json,md,png}. Returns (result, all cells succeeded)."""
+    from ablations.bench import load_requests
+    w = exp.workload
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / f"{exp.name}-logs"
+    meta = environment(_command(argv))
+    meta["real"] = what_was_real(exp)
+    requests = {ds: load_requests(ds, w.num_prompts, w.split, w.max_tokens, w.seed) for ds in w.datasets}
+    result = {"meta": meta, "experiment": exp.model_dump(mode="json"), "rows": [], "cells": []}
+    todo = cells(exp)
+    t0 = time.perf_counter()
+    ok = True
+    bar = tqdm(todo, desc=exp.name, unit="cell")
+    try:
+        for cell in bar:
+            bar.set_postfix_str(f"{cell.row} @ {cell.link or 'no link'}")
+            try:
+                record = run_cell(exp, cell, requests, logs / cell.slug)
+            except (ProcessFailed, CellFailed) as e:
+                ok = False
+                record = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
+                          "repeat": cell.repeat, "error": f"{type(e).__name__}: {e}", "logs": str(logs / cell.slug)}
+                tqdm.write(f"cell {cell.row} @ {cell.link or 'no link'} failed: {e}", file=sys.stderr)
+            result["cells"].append(record)
+            _finish(exp, result, out, t0, final=False)
+    finally:
+        bar.close()
+        _finish(exp, result, out, t0, final=True)
+    if ok:
+        _pack_logs(logs)
+    return result, ok
+
+
+def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool) -> None:
+    result["rows"] = rows_of(exp, [c for c in result["cells"]])
+    result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
+    result["meta"]["load_end"] = _load()
+    result["meta"]["complete"] = final and len(result["cells"]) == len(cells(exp))
+    report.write(result, out)
+
+
+def _pack_logs(logs: Path) -> None:
+    """A finished run's process logs: one compressed archive beside the report (kept as a folder when
+    something failed, to read)."""
+    if not logs.is_dir():
+        return
+    with tarfile.open(logs.with_suffix(".tar.gz"), "w:gz") as tar:
+        tar.add(logs, arcname=logs.name)
+    shutil.rmtree(logs)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a CI timeout, `kill`) ends the run as Ctrl-C does: processes stopped, results written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
