@@ -50,7 +50,7 @@ def _flat_table(rows: list[dict], metrics: list[str]) -> list[str]:
     head = ["row", "mode", "link", "dataset", *[LABELS.get(m, m) for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["row"], r["mode"], r.get("link") or "none (no cloud)", r["dataset"]]
+        cells = [r["row"], r["mode"], "none (no cloud)" if r.get("measured_once") else r.get("link") or "–", r["dataset"]]
         lines.append("| " + " | ".join(cells + [fmt(r.get(m)) for m in metrics]) + " |")
     return lines
 
@@ -66,6 +66,8 @@ def _pivot_tables(rows: list[dict], metrics: list[str]) -> list[str]:
         out += [f"**{LABELS.get(m, m)}**", "", "| row | dataset | " + " | ".join(_rtt(x) for x in rtts) + " |",
                 "|---|---|" + "---|" * len(rtts)]
         for (row, ds), cells in by.items():
+            if all(c.get(m) is None for c in cells.values()):
+                continue
             out.append(f"| {row} | {ds} | " + " | ".join(fmt(cells.get(x, {}).get(m)) for x in rtts) + " |")
         out.append("")
     return out
@@ -89,6 +91,14 @@ def markdown(result: dict) -> str:
         lines += _pivot_tables(rows, metrics)
     else:
         lines += _flat_table(rows, metrics) + [""]
+    same = defaultdict(lambda: [0, 0])
+    for r in rows:
+        if r.get("same_text_as_cloud_only"):
+            same[r["row"]][0] += r["same_text_as_cloud_only"][0]
+            same[r["row"]][1] += r["same_text_as_cloud_only"][1]
+    if same:
+        lines += ["Greedy answers with the same text as the target alone's (the cloud_only row's, same link, "
+                  "dataset and prompt): " + "; ".join(f"{k} {a}/{b}" for k, (a, b) in same.items()) + ".", ""]
     if meta.get("png"):
         lines += [f"![{exp['name']}]({meta['png']})", ""]
     if exp.get("notes"):
@@ -113,9 +123,11 @@ def markdown(result: dict) -> str:
               "- Definitions (as `vllm bench serve`): TTFT from the request's send to its first token; TPOT = "
               "(E2EL − TTFT) / (output tokens − 1) per request; tok/s per user = output tokens / E2EL per request "
               "(median over requests); τ = tokens committed per verify round (accepted drafts + the target's "
-              "token). Bound (edge_cloud only): a round costs at least k·t_draft + RTT + t_verify = the edge's draft "
-              "ms/round + the link's RTT + the cloud's compute ms/round (each measured in the same cell), so "
-              "tok/s ≤ 1000·τ / that and TPOT ≥ that / τ.",
+              "token). Bound (edge_cloud only), per request from its own figures: every round costs at least "
+              "k·t_draft + RTT + t_verify (the edge's draft ms of the round, its KV sync included; the link's RTT; "
+              "the cloud's compute ms of the round), one after the other, so tok/s ≤ tokens / Σ rounds' cost and "
+              "TPOT ≥ (Σ rounds' cost − TTFT) / (tokens − 1); shown as medians over requests, beside the measured "
+              "medians. `bound: ms/round` is the mean round's k·t_draft + RTT + t_verify.",
               f"- Machine: {meta['machine']}, {meta['cpus']} CPUs; load average {meta.get('load_start')} at the start, "
               f"{meta.get('load_end')} at the end (other work shares this machine).",
               f"- Commit {meta['commit']}, {meta['date']}, {fmt(meta.get('duration_s'))} s in all; "

@@ -126,38 +126,55 @@ def summarise(mode: str, rtt_ms: Optional[float], bench: dict, cloud_after: Opti
     ok = [i for i, e in enumerate(bench.get("errors") or []) if not e]
     per_user = [bench["output_lens"][i] / bench["latencies"][i] for i in ok
                 if bench["output_lens"][i] and bench["latencies"][i] > 0]
-    figs = [r["figures"] for r in tandem.get("requests") or [] if r.get("success") and r.get("figures")]
+    reqs = tandem.get("requests") or []
+    figs = [r["figures"] for r in reqs if r.get("success") and r.get("figures")]
     rounds = sum(f.get("rounds") or 0 for f in figs)
     tokens = sum(f.get("tokens") or 0 for f in figs)
     draft_ms = sum((f.get("draft_ms_per_round") or 0) * (f.get("rounds") or 0) for f in figs)
-    compute_ms = sum((f.get("compute_ms_per_round") or 0) * (f.get("rounds") or 0) for f in figs)
     m = {
-        "per_user_tok_s": round(float(np.median(per_user)), 2) if per_user else None,
+        "per_user_tok_s": float(np.median(per_user)) if per_user else None,
         "ttft_ms_p50": bench.get("median_ttft_ms"), "ttft_ms_p99": bench.get("p99_ttft_ms"),
         "tpot_ms_p50": bench.get("median_tpot_ms"), "tpot_ms_p99": bench.get("p99_tpot_ms"),
         "itl_ms_p50": bench.get("median_itl_ms"), "e2el_ms_p50": bench.get("median_e2el_ms"),
         "output_throughput": bench.get("output_throughput"),
         "tau": tandem.get("tau"), "acceptance": tandem.get("acceptance_rate"),
-        "rounds_per_100_tokens": round(100 * rounds / tokens, 2) if rounds and tokens else None,
+        "rounds_per_100_tokens": 100 * rounds / tokens if rounds and tokens else None,
         "compute_ms_per_token": tandem.get("cloud_compute_ms_per_token"),
-        "draft_ms_per_round": round(draft_ms / rounds, 2) if rounds else None,
+        "draft_ms_per_round": draft_ms / rounds if rounds else None,
         "verify_ms_p50": ((cloud_after or {}).get("latency_ms") or {}).get("p50"),
         "completed": bench.get("completed"), "failed": bench.get("failed"),
     }
-    m.update(bound(mode, rtt_ms, m["tau"], rounds, draft_ms, compute_ms))
+    if mode == "edge_cloud":
+        ttfts = bench.get("ttfts") or []
+        m.update(bound([(r["figures"], ttfts[i] * 1e3) for i, r in enumerate(reqs)
+                        if r.get("success") and r.get("figures") and i < len(ttfts)], rtt_ms or 0.0))
+    else:
+        m.update(bound([], 0.0))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}
 
 
-def bound(mode: str, rtt_ms: Optional[float], tau: Optional[float], rounds: int, draft_ms: float,
-          compute_ms: float) -> dict:
-    """The per-round bound of edge-cloud speculation, from the cell's own measurements: a round costs
-    at least k*t_draft (the edge's draft ms of the round) + RTT (the link's) + t_verify (the cloud's
-    compute ms of the round, as the cloud reported it) and commits tau tokens. So tok/s per user
-    <= 1000 * tau / round_ms and TPOT >= round_ms / tau. None for the other modes (no rounds)."""
-    if mode != "edge_cloud" or not rounds or not tau:
-        return {"bound_round_ms": None, "bound_tok_s": None, "bound_tpot_ms": None}
-    round_ms = draft_ms / rounds + (rtt_ms or 0.0) + compute_ms / rounds
-    return {"bound_round_ms": round_ms, "bound_tok_s": 1e3 * tau / round_ms, "bound_tpot_ms": round_ms / tau}
+def bound(requests: list[tuple[dict, float]], rtt_ms: float) -> dict:
+    """The per-round bound of edge-cloud speculation, from each request's own measurements (its
+    generation's figures and the TTFT its client saw). Every round costs at least k*t_draft (the edge's
+    draft ms of the round, the KV sync included) + RTT (the link's) + t_verify (the cloud's compute ms
+    of the round), one after the other, so for a request of R rounds and n tokens:
+      E2EL >= work = sum over rounds of (draft + RTT + verify):   tok/s <= n / work
+      E2EL - TTFT >= work - TTFT (the first round ends by TTFT):   TPOT >= (work - TTFT) / (n - 1)
+    bound_tok_s and bound_tpot_ms are the medians over requests (as per_user_tok_s and TPOT p50);
+    bound_round_ms is the mean round's cost, k*t_draft + RTT + t_verify."""
+    tok_s, tpot, work_all, rounds_all = [], [], 0.0, 0
+    for f, ttft_ms in requests:
+        r, n = f.get("rounds") or 0, f.get("tokens") or 0
+        if not r or not n:
+            continue
+        work = r * ((f.get("draft_ms_per_round") or 0) + rtt_ms + (f.get("compute_ms_per_round") or 0))
+        work_all, rounds_all = work_all + work, rounds_all + r
+        tok_s.append(1e3 * n / work)
+        if n > 1:
+            tpot.append(max(0.0, work - ttft_ms) / (n - 1))
+    return {"bound_round_ms": work_all / rounds_all if rounds_all else None,
+            "bound_tok_s": float(np.median(tok_s)) if tok_s else None,
+            "bound_tpot_ms": float(np.median(tpot)) if tpot else None}
 
 
 async def _warmup(url: str) -> None:
@@ -250,7 +267,7 @@ def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
                 if not runs and not failed:
                     continue
                 mode = (runs or failed)[0]["mode"]
-                row = {"row": label, "mode": mode, "link": link if mode != "edge_only" else None,
+                row = {"row": label, "mode": mode, "link": link,
                        "rtt_ms": link_rtt_ms(link), "dataset": ds, "repeats": len(runs),
                        "measured_once": mode == "edge_only"}
                 for m in METRICS:
@@ -264,6 +281,35 @@ def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
                     row["error"] = failed[0]["error"]
                 out.append(row)
     return out
+
+
+def _texts(record: dict, ds: str) -> Optional[list]:
+    return (((record.get("datasets") or {}).get(ds) or {}).get("bench") or {}).get("generated_texts")
+
+
+def agreement(exp: Experiment, records: list[dict], rows: list[dict]) -> None:
+    """Greedy only: how many answers of each row are the same text as the target alone's (the
+    cloud_only row's at the same link, dataset and repeat), as `same_text_as_cloud_only: [same, of]`.
+    Tandem's greedy output is the target's own answer up to floating-point near-ties (cloud.exact makes
+    it bit for bit); this says how often that held here. The edge-only row shows how often the draft
+    model alone gives the target's answer."""
+    if exp.workload.temperature != 0:
+        return
+    refs = {(r["link"], r["repeat"]): r for r in records if r["mode"] == "cloud_only" and "datasets" in r}
+    for row in rows:
+        if row["mode"] == "cloud_only":
+            continue
+        same = total = 0
+        for rec in records:
+            if rec["row"] != row["row"] or rec["link"] not in (row["link"], None):
+                continue
+            mine = _texts(rec, row["dataset"])
+            theirs = _texts(refs.get((row["link"], rec["repeat"]), {}), row["dataset"])
+            if mine and theirs and len(mine) == len(theirs):
+                same += sum(a == b for a, b in zip(mine, theirs))
+                total += len(mine)
+        if total:
+            row["same_text_as_cloud_only"] = [same, total]
 
 
 def _command(argv: Optional[list[str]]) -> str:
@@ -306,7 +352,8 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
 
 
 def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool) -> None:
-    result["rows"] = rows_of(exp, [c for c in result["cells"]])
+    result["rows"] = rows_of(exp, result["cells"])
+    agreement(exp, result["cells"], result["rows"])
     result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
     result["meta"]["load_end"] = _load()
     result["meta"]["complete"] = final and len(result["cells"]) == len(cells(exp))

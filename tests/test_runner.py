@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -15,7 +16,7 @@ from ablations import report
 from ablations.__main__ import main
 from ablations.experiment import (ExperimentError, cells, experiment_files, load_experiment)
 from ablations.processes import ProcessFailed, Stack, free_port
-from ablations.runner import bound, rows_of, summarise
+from ablations.runner import agreement, rows_of, summarise
 from common.config import Switches
 
 GOOD = {
@@ -228,28 +229,32 @@ def test_runner_killed_leaves_no_orphans(tmp_path):
 
 
 # --- figures ---------------------------------------------------------------------------------------
-def canned_bench(latencies_s, output_lens, figures):
+def canned_bench(latencies_s, output_lens, figures, ttfts_s):
     return {"median_ttft_ms": 100.0, "p99_ttft_ms": 150.0, "median_tpot_ms": 50.0, "p99_tpot_ms": 70.0,
             "median_itl_ms": 120.0, "median_e2el_ms": 2000.0, "output_throughput": 9.5,
             "completed": len(output_lens), "failed": 0, "errors": [""] * len(output_lens),
-            "output_lens": output_lens, "latencies": latencies_s,
+            "output_lens": output_lens, "latencies": latencies_s, "ttfts": ttfts_s,
             "tandem": {"tau": 4.0, "acceptance_rate": 0.75, "cloud_compute_ms_per_token": 20.0,
                        "requests": [{"success": True, "figures": f} for f in figures]}}
 
 
 def test_summarise_and_the_per_round_bound():
     figures = [{"rounds": 10, "tokens": 40, "draft_ms_per_round": 100.0, "compute_ms_per_round": 80.0},
-               {"rounds": 30, "tokens": 120, "draft_ms_per_round": 60.0, "compute_ms_per_round": 40.0}]
-    m = summarise("edge_cloud", 20.0, canned_bench([4.0, 10.0, 5.0], [40, 120, 60], figures), {"latency_ms": {"p50": 55.0}})
+               {"rounds": 30, "tokens": 120, "draft_ms_per_round": 60.0, "compute_ms_per_round": 40.0},
+               {"rounds": 5, "tokens": 21, "draft_ms_per_round": 50.0, "compute_ms_per_round": 30.0}]
+    bench = canned_bench([4.0, 10.0, 1.75], [40, 120, 21], figures, [0.5, 1.0, 0.2])
+    m = summarise("edge_cloud", 20.0, bench, {"latency_ms": {"p50": 55.0}})
     assert m["per_user_tok_s"] == 12.0                         # median of 10, 12, 12 tok/s
     assert m["tau"] == 4.0 and m["acceptance"] == 0.75 and m["verify_ms_p50"] == 55.0
-    assert m["rounds_per_100_tokens"] == 25.0
-    assert m["draft_ms_per_round"] == 70.0                     # (10*100 + 30*60) / 40
-    round_ms = 70.0 + 20.0 + 50.0                              # draft + RTT + compute ((10*80 + 30*40) / 40)
-    assert m["bound_round_ms"] == round_ms
-    assert m["bound_tok_s"] == round(1000 * 4.0 / round_ms, 3)
-    assert m["bound_tpot_ms"] == round_ms / 4.0
-    assert bound("cloud_only", 20.0, None, 0, 0.0, 0.0)["bound_tok_s"] is None
+    assert m["rounds_per_100_tokens"] == round(100 * 45 / 181, 3)
+    assert m["draft_ms_per_round"] == round((10 * 100 + 30 * 60 + 5 * 50) / 45, 3)
+    # work per request: rounds * (draft + RTT + compute) = 2000, 3600, 500 ms
+    assert m["bound_round_ms"] == round((2000 + 3600 + 500) / 45, 3)
+    assert m["bound_tok_s"] == round(float(np.median([40 / 2.0, 120 / 3.6, 21 / 0.5])), 3)
+    assert m["bound_tpot_ms"] == round(float(np.median([(2000 - 500) / 39, (3600 - 1000) / 119, (500 - 200) / 20])), 3)
+    assert m["per_user_tok_s"] <= m["bound_tok_s"]
+    co = summarise("cloud_only", 20.0, bench, None)
+    assert co["bound_tok_s"] is None and co["bound_tpot_ms"] is None and co["bound_round_ms"] is None
 
 
 def _record(row, mode, link, repeat, tok_s, rtt=None):
@@ -268,10 +273,27 @@ def test_rows_mean_over_repeats_and_edge_only_at_every_link(tmp_path):
     assert len(ec) == 1 and ec[0]["per_user_tok_s"] == 11.0 and ec[0]["spread"]["per_user_tok_s"] == [10.0, 12.0]
     assert ec[0]["repeats"] == 2 and ec[0]["completed"] == 2 and isinstance(ec[0]["completed"], int)
     eo = [r for r in rows if r["row"] == "edge_only" and r["dataset"] == "mtbench"]
-    assert [r["rtt_ms"] for r in eo] == [5.0, 50.0] and all(r["measured_once"] and r["link"] is None for r in eo)
+    assert [r["rtt_ms"] for r in eo] == [5.0, 50.0] and all(r["measured_once"] for r in eo)
     co = [r for r in rows if r["row"] == "cloud_only"]
     assert [(r["rtt_ms"], r["error"]) for r in co] == [(50.0, "ProcessFailed: x")] * 2
     assert not any(r["row"] == "cloud_only" and r["rtt_ms"] == 5.0 for r in rows)     # never ran
+
+
+def test_greedy_answers_compared_with_the_target_alone(tmp_path):
+    exp = load_experiment(write(tmp_path, GOOD))
+
+    def rec(row, mode, link, texts):
+        return {"row": row, "mode": mode, "link": link, "repeat": 0,
+                "datasets": {d: {"bench": {"generated_texts": texts}} for d in ("humaneval", "mtbench")}}
+    records = [rec("cloud_only", "cloud_only", "rtt=5", ["a", "b"]), rec("cloud_only", "cloud_only", "rtt=50", ["a", "c"]),
+               rec("edge_cloud", "edge_cloud", "rtt=5", ["a", "b"]), rec("edge_cloud", "edge_cloud", "rtt=50", ["a", "x"]),
+               rec("edge_only", "edge_only", None, ["a", "c"])]
+    rows = rows_of(exp, records)
+    agreement(exp, records, rows)
+    got = {(r["row"], r["link"], r["dataset"]): r.get("same_text_as_cloud_only") for r in rows}
+    assert got[("edge_cloud", "rtt=5", "humaneval")] == [2, 2] and got[("edge_cloud", "rtt=50", "mtbench")] == [1, 2]
+    assert got[("edge_only", "rtt=5", "humaneval")] == [1, 2] and got[("edge_only", "rtt=50", "humaneval")] == [2, 2]
+    assert got[("cloud_only", "rtt=5", "humaneval")] is None
 
 
 # --- report ----------------------------------------------------------------------------------------
