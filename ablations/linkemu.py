@@ -571,17 +571,19 @@ def _meta(argv: list[str], load_before, load_after, uptime_before: str, uptime_a
             return ""
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "ablations/linkemu.py"))
+    emulator_commit = git("log", "-1", "--format=%H", "--", "ablations/linkemu.py")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     return {"command": "python -m ablations.linkemu " + " ".join(argv),
             "commit": commit + (" (ablations/linkemu.py modified)" if dirty else ""),
+            "emulator_commit": emulator_commit,         # the last commit that changed ablations/linkemu.py
             "machine": f"{platform.machine()} {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, "
                        f"Python {platform.python_version()}",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
             "load_avg_1_5_15_after": [round(x, 2) for x in load_after],
             "uptime_before": uptime_before, "uptime_after": uptime_after,
-            "setup": "echo server and emulator each a separate process (`--echo`, the CLI); client: blocking "
+            "setup": "The echo server and the emulator each run as a separate process (`--echo`, the CLI); client: blocking "
                      f"sockets, TCP_NODELAY, one {MESSAGE_BYTES}-byte message per round trip, direct and via the "
                      "emulator alternating round by round on two kept-open connections, 50 warm-up rounds each"}
 
@@ -652,6 +654,7 @@ def _plot(path, samples0, rows) -> None:
     for key, marker in (("median", "o"), ("p90", "s"), ("p99", "^")):
         b.plot(levels, [r["added_minus_configured_ms"][key] for r in rows], marker=marker, label=key)
     b.axhline(0, color="grey", lw=0.8)
+    b.set_yscale("symlog", linthresh=1.0)
     b.set_xlabel("configured RTT, ms")
     b.set_ylabel("added − configured, ms")
     b.set_title("Accuracy: measured added delay − configured")
@@ -664,7 +667,7 @@ def _plot(path, samples0, rows) -> None:
 def _markdown(report: dict) -> str:
     m, z = report["meta"], report["overhead_at_0ms"]
     lines = ["# Link emulator calibration", "",
-             f"Command: `{m['command']}`  ", f"Commit: `{m['commit']}`  ", f"Machine: {m['machine']}  ",
+             f"Command: `{m['command']}`  ", f"Commit: `{m['commit']}` (the emulator's own last change: `{m['emulator_commit'][:12]}`)  ", f"Machine: {m['machine']}  ",
              f"Date: {m['date']}", "",
              "What `ablations/linkemu.py` (the user-space TCP proxy every experiment with an RTT goes through) "
              "adds to a round trip. " + m["setup"] + ".", "",
@@ -688,8 +691,9 @@ def _markdown(report: dict) -> str:
               f"(builds, tests, model runs): load average (1/5/15 min) {lb[0]} / {lb[1]} / {lb[2]} before and "
               f"{la[0]} / {la[1]} / {la[2]} after (`uptime`: \"{m['uptime_before']}\" / \"{m['uptime_after']}\"). "
               "A load above the core count means runnable processes waited for a CPU, so the tails (p90, p99) "
-              "include scheduling delay that a quiet machine would not show; direct and via were measured "
-              "alternately on the same connections, so both carry the same load.", "",
+              "include scheduling delay that a quiet machine would not show (the direct path's own p99 shows it "
+              "too); direct and via were measured alternately on the same connections, so both carry the same "
+              "load. Read the medians as the emulator's cost and the tails as this machine's.", "",
               "## How the emulator times chunks", "",
               "Each chunk (one read, up to 64 KiB) gets a release time: arrival + RTT/2 (+ jitter, + serialisation "
               "at the bandwidth cap, + one RTO if it stalls), never earlier than the chunk before it; one asyncio "
