@@ -89,6 +89,7 @@ class GenStats:
             "rounds_per_100_tokens": round(100 * self.rounds / self.tokens, 2) if self.tokens and self.rounds else None,
             "draft_ms_per_round": round(self.draft_ms / r, 2) if self.rounds else None,
             "compute_ms_per_round": round(self.compute_ms / r, 2) if self.rounds else None,
+            "compute_ms": round(self.compute_ms, 2),     # the cloud's model time for the whole answer
             # serialisation + HTTP + scheduling: what a round costs beyond the two models
             "overhead_ms_per_round": round((self.round_wall_ms - self.compute_ms) / r, 3) if self.rounds else None,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 2),
