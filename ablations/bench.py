@@ -49,7 +49,7 @@ Also goodput (the SLOs in ms), temperature, seed, percentiles.
                         committed); = vLLM's acceptance length
   acceptance_rate       Σ accepted / Σ drafted (a fraction; vLLM's spec_decode_acceptance_rate is in %)
   rounds, rounds_per_request, drafted, accepted, fallbacks, modes {mode: requests}
-  cloud_compute_ms_per_token   Σ (compute_ms_per_round · rounds) / Σ tokens over requests with verify
+  cloud_compute_ms_per_token   Σ compute_ms / Σ tokens over requests the cloud served (edge-cloud, cloud-only)
                         rounds (cloud-only generations report no per-round compute: left out)
   tokens_by_source      {draft, target, edge}: committed tokens by provenance
   rtt_class_bounds_ms   RTT_CLASS_BOUNDS_MS below
@@ -372,8 +372,8 @@ def _tandem_figures(ok: list[RequestOutput]) -> dict:
     by_source = Counter({"draft": 0, "target": 0, "edge": 0})
     for f in figs:
         by_source.update(f.get("tokens_by_source") or {})
-    verified = [f for f in figs if f.get("rounds") and f.get("compute_ms_per_round") is not None]
-    compute_ms = sum(f["compute_ms_per_round"] * f["rounds"] for f in verified)
+    verified = [f for f in figs if f.get("mode") != "edge_only" and f.get("compute_ms") is not None]
+    compute_ms = sum(f["compute_ms"] for f in verified)
     compute_tokens = sum(f.get("tokens") or 0 for f in verified)
     return {"requests_with_figures": len(figs),
             "modes": dict(Counter(f.get("mode") for f in figs)),

@@ -142,6 +142,7 @@ def out(ttft, itl, latency, tokens, prompt_len, start, chunk_times, chunk_tokens
 def fig(mode, rounds, drafted, accepted, tokens, draft, target, compute, rtt):
     return {"mode": mode, "rounds": rounds, "drafted": drafted, "accepted": accepted, "tokens": tokens,
             "tokens_by_source": {"draft": draft, "target": target, "edge": 0}, "compute_ms_per_round": compute,
+            "compute_ms": None if compute is None else compute * rounds,
             "rtt_ms": rtt, "fallbacks": 0}
 
 
@@ -208,7 +209,7 @@ def test_tandem_figures_overall_per_dataset_and_rtt_class(worked):
     assert t["tau"] == pytest.approx((8 + 7) / 7)             # Σ(accepted + rounds) / Σ rounds
     assert t["acceptance_rate"] == pytest.approx(8 / 22) and r["spec_decode_acceptance_rate"] == pytest.approx(800 / 22)
     assert r["spec_decode_acceptance_length"] == t["tau"] and r["spec_decode_num_drafts"] == t["rounds"] == 7
-    assert t["cloud_compute_ms_per_token"] == pytest.approx((20 + 30 + 20) / 15)   # cloud-only: no per-round compute
+    assert t["cloud_compute_ms_per_token"] == pytest.approx((20 + 30 + 20) / 15)   # the cloud-only answer reports no compute here
     assert t["tokens_by_source"] == {"draft": 8, "target": 8, "edge": 0}
     assert t["modes"] == {"edge_cloud": 3, "cloud_only": 1} and t["rounds_per_request"] == 7 / 4
     classes = t["per_rtt_class"]
@@ -299,7 +300,7 @@ def test_max_concurrency_is_never_exceeded(cap):
 
 FIGURES = {"mode": "edge_cloud", "rounds": 2, "drafted": 5, "accepted": 2, "tokens": 4, "fallbacks": 0,
            "mean_accepted_length": 2.0, "tokens_by_source": {"draft": 2, "target": 2, "edge": 0},
-           "compute_ms_per_round": 12.5, "rtt_ms": 180.0}
+           "compute_ms_per_round": 12.5, "compute_ms": 25.0, "rtt_ms": 180.0}
 
 
 def test_timings_measured_off_a_scripted_stream():
