@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.config import ConfigError, TandemConfig, load_config, parse_override
+from common.config import ConfigError, TandemConfig, load_config, parse_override, set_dotted
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 LABEL = r"^[a-z][a-z0-9_]*$"
@@ -173,13 +173,10 @@ def _format(e: ValidationError) -> str:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ExperimentError(f"--set {dotted}: '{k}' is not a section")
-    node[keys[-1]] = value
+    try:
+        set_dotted(tree, dotted, value)
+    except ConfigError as e:
+        raise ExperimentError(f"--set {e}") from None
 
 
 def load_experiment(path: str | Path, sets: list[str] = (), repeats: Optional[int] = None,

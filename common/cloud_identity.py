@@ -42,6 +42,12 @@ async def identify_cloud(url: str, auth_token: Optional[str] = None, timeout_s: 
                     body = None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise CloudUnavailable(f"cloud at {url} unreachable: {type(e).__name__}: {e}") from None
+    return check_cloud_health(url, status, body, auth_token, ctype)
+
+
+def check_cloud_health(url: str, status: int, body, auth_token: Optional[str] = None, ctype: str = "") -> dict:
+    """A /health answer checked to be a Tandem cloud's, speaking our protocol: CloudError(401) when
+    the token is missing or wrong, ConfigError (a ValueError) when something else answered."""
     if status == 401:
         raise CloudError(401, {"error": f"{(body or {}).get('error', 'unauthorized') if isinstance(body, dict) else 'unauthorized'}"
                                         f"; set edge.auth_token to the cloud's token"})

@@ -178,7 +178,8 @@ class TandemConfig(_Section):
     switches: Switches = Switches()
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b' (ConfigError where a key on the way is not a section)."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -217,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"config file {path}: top level must be a mapping")
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     try:
         return TandemConfig.model_validate(tree)
     except ValidationError as e:

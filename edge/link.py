@@ -36,6 +36,7 @@ from typing import AsyncIterator, Optional
 
 import aiohttp
 
+from common.cloud_identity import check_cloud_health
 from common.errors import CloudError, CloudUnavailable
 from common.config import EdgeConfig
 from common.protocol import PROTOCOL_VERSION, GenerateChunk, GenerateRequest, VerifyRequest, VerifyResponse
@@ -413,19 +414,9 @@ class CloudLink:
         return data
 
     async def check_identity(self) -> dict:
-        """The cloud's /health, checked to be a Tandem cloud speaking our protocol; ValueError if
-        not, CloudError(401) if our token is missing or wrong, CloudUnavailable if it cannot be reached."""
-        data = await self.health()
-        if data.get("auth_required"):
-            raise CloudError(401, {"error": f"{self.base_url} is a Tandem cloud that needs a bearer token: "
-                                            "set edge.auth_token to its cloud.auth_token"})
-        if "protocol" not in data or "backend" not in data:
-            raise ValueError(f"{self.base_url} is not a Tandem cloud (is it an edge?): its /health has no "
-                             f"'protocol' and 'backend' ({str(data)[:120]})")
-        if data["protocol"] != PROTOCOL_VERSION:
-            raise ValueError(f"{self.base_url} speaks Tandem protocol {data['protocol']}, "
-                             f"this edge speaks {PROTOCOL_VERSION}")
-        return data
+        """The cloud's /health, checked to be a Tandem cloud speaking our protocol
+        (common/cloud_identity.py); CloudUnavailable if it cannot be reached."""
+        return check_cloud_health(self.base_url, 200, await self.health(), self.cfg.auth_token)
 
     # --- the rest: target-only streams, session drops --------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
