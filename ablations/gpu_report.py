@@ -415,7 +415,7 @@ Reading it:
   0.81 ms (clients polling). "post" falls from about 0.2 to 0.02 ms. With the same settings back to back (clients polling), the median went from 0.76 (16 pairs) to
   0.82 (16 pairs).
 * **Polling clients** add about 0.02–0.04 to the median. A client process that sleeps in epoll takes a
-  while to wake on this VM (`cloud/busy_poll.py`), and at zero think time the step waits for the
+  while to wake on this VM (`common/busy_poll.py`), and at zero think time the step waits for the
   slowest one. This is a property of the harness: each replayed edge stands for a device of its own.
 * **The step-time gap is not CPU contention.** The oracle with CPUs {load['burn_cpus']} kept busy stepped at
   {', '.join(map(str, load['loaded_step_ms']))} ms against {', '.join(map(str, load['oracle_step_ms']))} ms unloaded

@@ -292,10 +292,10 @@ def light_worker(url, sessions: list[dict], n_new: int, timed: bool, rtt_ms: flo
     ablations/trace_guesses.py); it is the recorded next round, which is exactly the draft-ahead
     round whenever the guess holds (else the cloud answers 412 and the client sends it afresh).
     busy_poll_ms > 0: the process polls its sockets instead of sleeping while rounds are in flight
-    (cloud/busy_poll.py), as the cloud's front ends do."""
+    (common/busy_poll.py), as the cloud's front ends do."""
     import aiohttp
 
-    from cloud.busy_poll import BusyPoll
+    from common.busy_poll import BusyPoll
     busy = BusyPoll(busy_poll_ms / 1e3)
     if os.environ.get("LIGHT_CPUS"):                 # keep the harness off the cloud's cores
         os.sched_setaffinity(0, cpu_list(os.environ["LIGHT_CPUS"]))

@@ -176,7 +176,7 @@ def test_engine_port_posts_held_rounds_on_the_engine_thread_and_forwards_the_res
 
 
 def test_busy_poll_keeps_the_loop_polling_for_its_window_only():
-    from cloud.busy_poll import BusyPoll
+    from common.busy_poll import BusyPoll
 
     async def main():
         busy = BusyPoll(0.1)

@@ -15,7 +15,7 @@ sessions). In the engine process the engine thread itself reads the pipes betwee
 (`EnginePort`): a held round goes from the pipe to the board and its answer from the step's output
 to the pipe, one write per pipe per step, with no hand-off to another thread; everything else goes
 to the process's asyncio loop, in order. Both sides poll instead of sleeping for
-`cloud.vllm.busy_poll_ms` after activity (cloud/busy_poll.py says why).
+`cloud.vllm.busy_poll_ms` after activity (common/busy_poll.py says why).
   front end -> engine  ("verify", id, session_id, context, draft, sampling, rtt_ms, reuse)
                    ("verify_held", id, session_id, n, draft, rtt_ms, sent_at, expect): a round after the n
                    tokens the session's request holds (what its last round left there): the context and
@@ -44,7 +44,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.backends.draft_board import ENDED, STALE
-from cloud.busy_poll import BusyPoll
+from common.busy_poll import BusyPoll
 from common.config import VllmConfig
 
 
