@@ -10,6 +10,7 @@ drafting session) and off (one session's draft at a time). Writes edge_concurren
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import platform
@@ -86,7 +87,8 @@ def report(rows: list[dict], meta: dict, out: Path) -> None:
     cols = ["users", "batched", "aggregate_tok_s", "per_user_tok_s", "ttft_ms_p50", "draft_tok_s",
             "tokens_per_decode_step", "tau"]
     lines = ["# Edge concurrency: batched drafting vs one draft at a time", "",
-             f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}, {meta['date']}).", "",
+             f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}, {meta['date']}; load average "
+             f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after).", "",
              f"Edge and an embedded CPU cloud (llama.cpp target, one round at a time) on the same "
              f"{meta['cpus']} CPUs, greedy, {meta['max_tokens']} new tokens; each user asks one HumanEval and one "
              "MT-Bench prompt. Rows average the two datasets (aggregate tok/s: all tokens over all wall time).", "",
@@ -118,13 +120,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     args = ap.parse_args(argv)
     datasets = {"humaneval": humaneval("heldout")[:max(USERS)], "mtbench": mtbench("heldout")[:max(USERS)]}
-    rows = []
+    rows, load_before = [], os.getloadavg()
     for batched in (True, False):
         rows += asyncio.run(sweep(batched, args.max_tokens, datasets))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"command": "python -m ablations.edge_concurrency " + " ".join(argv or sys.argv[1:]), "commit": commit,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": len(__import__("os").sched_getaffinity(0)),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "max_tokens": args.max_tokens}
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": len(os.sched_getaffinity(0)),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "max_tokens": args.max_tokens,
+            "load_before": load_before, "load_after": os.getloadavg()}
     report(rows, meta, Path(args.out))
     print(f"wrote {args.out}/edge_concurrency.{{json,md,png}}")
     return 0

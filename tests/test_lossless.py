@@ -71,9 +71,11 @@ def answers():
                     row = {"id": p.id, "ref": ref.token_ids, "spec": spec.token_ids, "exact": exact.token_ids,
                            "accepted": spec.stats.accepted, "drafted": spec.stats.drafted,
                            "exact_tau": exact.stats.as_dict()["mean_accepted_length"]}
-                    if spec.token_ids != ref.token_ids and len(spec.token_ids) == len(ref.token_ids):
+                    if spec.token_ids != ref.token_ids:     # answers part at a token (a stop token too)
                         row |= near_tie(cloud.verifier.backend, ids, ref.token_ids, spec.token_ids, spec.stats.trace)
                     rows.append(row)
+                    print(f"  {p.id}: default {'=' if row['ref'] == row['spec'] else '≠'}, "
+                          f"exact {'=' if row['ref'] == row['exact'] else '≠'}", flush=True)
                 out[name] = rows
         return out
     return run(body())
@@ -91,7 +93,6 @@ def test_default_mode_diverges_only_at_near_ties(answers, dataset):
                   f"{r.get('gap_batched', float('nan')):.3f} in the verification batch")
     for r in rows:
         if r["ref"] != r["spec"]:
-            assert len(r["ref"]) == len(r["spec"]), f"{r['id']}: lengths differ"
             assert abs(r["gap_single"]) < NEAR_TIE and abs(r["gap_batched"]) < NEAR_TIE, \
                 f"{r['id']}: divergence at gaps {r['gap_single']:.3f} / {r['gap_batched']:.3f} is not a near-tie"
     acc = sum(r["accepted"] for r in rows) / sum(r["drafted"] for r in rows)
