@@ -117,7 +117,7 @@ def markdown(result: dict) -> str:
               ]
     if once:
         lines.append(f"- {', '.join(once)}: no cloud, so no link; measured once and shown at every link.")
-    lines += [f"- Matrix: " + "; ".join(f"`{k}`: " + (", ".join(f"{a}={json.dumps(b)}" for a, b in v.items()) or "defaults")
+    lines += ["- Matrix: " + "; ".join(f"`{k}`: " + (", ".join(f"{a}={json.dumps(b)}" for a, b in v.items()) or "defaults")
                                         for k, v in exp["matrix"].items())
               + (f"; every row: {', '.join(f'{a}={json.dumps(b)}' for a, b in exp['base'].items())}" if exp.get("base") else ""),
               "- Definitions (as `vllm bench serve`): TTFT from the request's send to its first token; TPOT = "

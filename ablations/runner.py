@@ -17,7 +17,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -229,7 +228,7 @@ def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Pa
     w = exp.workload
     record: dict[str, Any] = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
                               "repeat": cell.repeat, "overrides": dict(cell.overrides),
-                              "logs": str(log_dir), "datasets": {}}
+                              "logs": f"{log_dir.parent.name}/{log_dir.name}", "load_at_start": _load(), "datasets": {}}
     t0 = time.perf_counter()
     link = None
     with Stack(log_dir) as stack:

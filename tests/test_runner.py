@@ -361,7 +361,8 @@ def test_one_cell_end_to_end(tmp_path):
     """One real cell: cloud, link emulator and edge as processes, the benchmark over HTTP, the report."""
     path = write(tmp_path, {"name": "one_cell", "question": "Does one cell run end to end?",
                             "workload": {"datasets": ["humaneval"], "num_prompts": 1, "max_tokens": 8},
-                            "links": ["rtt=10"], "base": {"cloud.n_ctx": 1024, "draft.n_ctx": 1024},
+                            "links": ["rtt=10"], "base": {"cloud.n_ctx": 1024, "draft.n_ctx": 1024, "cloud.n_threads": 1,
+                                                        "draft.n_threads": 1},
                             "matrix": {"edge_cloud": {}},
                             "plots": [{"kind": "bars", "metrics": ["per_user_tok_s", "tau"]}]})
     out = tmp_path / "out"
