@@ -47,7 +47,7 @@ def _list(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _report(args, argv) -> int:
     from ablations import report
     from ablations.runner import RESULTS_TMP
     target = Path(args.name)
@@ -61,9 +61,13 @@ def _report(args) -> int:
             raise ValueError(f"no {args.name}.json under {RESULTS_TMP}; name the folder with --out "
                              "(e.g. --out ablations/results)")
         path = found[-1]
-    result = report.load(path)
+    from ablations.runner import _command, _git, derive_rows
+    result = derive_rows(report.load(path))
+    if result.get("cells"):
+        result["meta"]["rows_derived_by"] = {"command": _command(["report", *argv]),
+                                             "commit": _git("rev-parse", "--short=12", "HEAD")}
     out = Path(args.out) if args.out else path.parent
-    for f in report.render(result, out):
+    for f in report.write(result, out):
         print(f"wrote {f}", file=sys.stderr)
     return 0
 
@@ -80,7 +84,8 @@ def parse_args(argv):
     run.add_argument("--repeats", type=int, default=None, help="repeat every cell N times (default: the file's)")
     run.add_argument("--quick", action="store_true", help="smoke run: one prompt per dataset, 16 tokens, one repeat")
     sub.add_parser("list", help="each experiment's name and question")
-    rep = sub.add_parser("report", help="re-draw NAME.md and NAME.png from NAME.json", formatter_class=HelpFormatter)
+    rep = sub.add_parser("report", help="re-draw NAME.md and NAME.png from NAME.json (its rows derived again from "
+                                        "its raw cells)", formatter_class=HelpFormatter)
     rep.add_argument("name", help="experiment name (or a path to its JSON)")
     rep.add_argument("--out", default=None, help="folder holding NAME.json, written to (default: the newest "
                                                   "/tmp/tandem-results/NAME-* run)")
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
             return _run(args, argv[1:])
         if args.command == "list":
             return _list(args)
-        return _report(args)
+        return _report(args, argv[1:])
     except (ExperimentError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,6 +8,7 @@ alone, so they can be re-drawn at any time without running anything.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -132,7 +133,9 @@ def markdown(result: dict) -> str:
               f"{meta.get('load_end')} at the end (other work shares this machine).",
               f"- Commit {meta['commit']}, {meta['date']}, {fmt(meta.get('duration_s'))} s in all; "
               + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) + ".",
-              "- Per-cell figures, bench output and the servers' /stats are in the JSON beside this file.", ""]
+              "- Per-cell figures, bench output and the servers' /stats are in the JSON beside this file"
+              + (f"; the rows were derived again from them by `{meta['rows_derived_by']['command']}` (commit "
+                 f"{meta['rows_derived_by']['commit']})" if meta.get("rows_derived_by") else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -236,8 +239,19 @@ def write(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"{result['experiment']['name']}.json"
     files = render(result, out)
-    js.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    js.write_text(json.dumps(_finite(result), indent=1, default=str, allow_nan=False) + "\n")
     return [js] + files
+
+
+def _finite(obj):
+    """Strict JSON: an infinite float (request_rate inf) is written as the string "inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def load(path: Path) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ablations import report
-from ablations.experiment import Cell, Experiment, cells
+from ablations.experiment import Cell, Experiment, Workload, cells
 from ablations.processes import ROOT, ProcessFailed, Stack, start_cloud, start_edge, start_link
 
 RESULTS_TMP = Path("/tmp/tandem-results")
@@ -87,6 +87,7 @@ def environment(command: str) -> dict:
         if v is not None:
             versions[dist.replace("_python", "").replace("_", "-")] = v
     meta = {"command": command, "commit": commit + ("+uncommitted" if dirty else ""),
+            "uncommitted": _git("status", "--porcelain", "--untracked-files=no").splitlines() if dirty else [],
             "machine": f"{_cpu_model()} ({platform.machine()}), {platform.system()} {platform.release()}",
             "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": versions, "load_start": _load()}
@@ -138,7 +139,8 @@ def summarise(mode: str, rtt_ms: Optional[float], bench: dict, cloud_after: Opti
         "output_throughput": bench.get("output_throughput"),
         "tau": tandem.get("tau"), "acceptance": tandem.get("acceptance_rate"),
         "rounds_per_100_tokens": 100 * rounds / tokens if rounds and tokens else None,
-        "compute_ms_per_token": tandem.get("cloud_compute_ms_per_token"),
+        # 0 means the answers did not report the cloud's time (no model computes a token in 0 ms)
+        "compute_ms_per_token": tandem.get("cloud_compute_ms_per_token") or None,
         "draft_ms_per_round": draft_ms / rounds if rounds else None,
         "verify_ms_p50": ((cloud_after or {}).get("latency_ms") or {}).get("p50"),
         "completed": bench.get("completed"), "failed": bench.get("failed"),
@@ -348,6 +350,25 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
     if ok:
         _pack_logs(logs)
     return result, ok
+
+
+def derive_rows(result: dict) -> dict:
+    """The rows (the figures a report shows) from the result's raw cells, by today's definitions:
+    each cell's stored benchmark output and /stats are summarised again. Used after every cell and by
+    `python -m ablations report`, so a report re-drawn from an old JSON uses the same figures as a run."""
+    raw = [c for c in result.get("cells") or [] if any(d.get("bench") for d in (c.get("datasets") or {}).values())]
+    if not raw:
+        return result                  # nothing raw to derive from: the rows stand as written
+    spec = result["experiment"]        # as written then: not validated against today's config schema
+    exp = Experiment.model_construct(**{**spec, "workload": Workload.model_construct(**spec["workload"])})
+    for cell in result["cells"]:
+        for data in (cell.get("datasets") or {}).values():
+            if data.get("bench") is not None:
+                data.update(summarise(cell["mode"], cell.get("rtt_ms"), data["bench"],
+                                      {"latency_ms": (data.get("cloud_stats") or {}).get("latency_ms")}))
+    result["rows"] = rows_of(exp, result["cells"])
+    agreement(exp, result["cells"], result["rows"])
+    return result
 
 
 def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool) -> None:

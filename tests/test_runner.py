@@ -296,6 +296,25 @@ def test_greedy_answers_compared_with_the_target_alone(tmp_path):
     assert got[("cloud_only", "rtt=5", "humaneval")] is None
 
 
+def test_report_derives_rows_again_from_the_raw_cells(tmp_path):
+    """`report` re-summarises each cell's stored benchmark output: rows follow today's definitions."""
+    figures = [{"rounds": 2, "tokens": 8, "draft_ms_per_round": 100.0, "compute_ms_per_round": 50.0}]
+    result = canned_result("bars")
+    result["experiment"]["links"] = ["rtt=5"]
+    result["experiment"]["workload"]["datasets"] = ["humaneval"]
+    result["experiment"]["workload"]["request_rate"] = float("inf")
+    result["cells"] = [{"row": "edge_cloud", "mode": "edge_cloud", "link": "rtt=5", "rtt_ms": 5.0, "repeat": 0,
+                        "datasets": {"humaneval": {"bench": canned_bench([1.0], [8], figures, [0.4]),
+                                                   "cloud_stats": {"latency_ms": {"p50": 60.0}}}}}]
+    report.write(result, tmp_path)
+    assert main(["report", "tiny", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "tiny.json").read_text()
+    assert "Infinity" not in text and '"request_rate": "inf"' in text       # strict JSON
+    [row] = json.loads(text)["rows"]
+    assert (row["row"], row["per_user_tok_s"], row["verify_ms_p50"]) == ("edge_cloud", 8.0, 60.0)
+    assert row["bound_round_ms"] == 155.0 and row["bound_tok_s"] == round(8 / 0.31, 3)
+
+
 # --- report ----------------------------------------------------------------------------------------
 def canned_result(kind="vs_rtt") -> dict:
     rows = []
