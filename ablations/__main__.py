@@ -24,9 +24,12 @@ EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _run(args, argv) -> int:
-    from ablations.experiment import load_experiment
+    from ablations.experiment import EXPERIMENTS, load_experiment
     from ablations.runner import default_out, run_experiment, sigterm_as_interrupt
-    exp = load_experiment(args.experiment, args.set, args.repeats, args.quick)
+    path = Path(args.experiment)
+    if not path.exists() and path.suffix != ".yaml" and (EXPERIMENTS / f"{args.experiment}.yaml").exists():
+        path = EXPERIMENTS / f"{args.experiment}.yaml"          # a name: `run switches`
+    exp = load_experiment(path, args.set, args.repeats, args.quick)
     out = Path(args.out) if args.out else default_out(exp.name)
     print(f"{exp.name}: {exp.question}\nresults -> {out}", file=sys.stderr)
     with sigterm_as_interrupt():
@@ -76,7 +79,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m ablations", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment file", formatter_class=HelpFormatter)
-    run.add_argument("experiment", help="ablations/experiments/NAME.yaml")
+    run.add_argument("experiment", help="an experiment file, or the NAME of ablations/experiments/NAME.yaml")
     run.add_argument("--out", default=None, help="results folder (default: a fresh folder under /tmp/tandem-results/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change the experiment (workload.num_prompts=2) or override a config key of every "

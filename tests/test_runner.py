@@ -155,6 +155,13 @@ def test_cli_bad_experiment_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_run_takes_an_experiment_name(capsys):
+    assert main(["run", "switches", "--set", "workload.num_prompts=0"]) == 2       # invalid: stops before running
+    assert "experiments/switches.yaml: workload.num_prompts" in capsys.readouterr().err
+    assert main(["run", "no_such_experiment"]) == 2
+    assert "experiment file no_such_experiment not found" in capsys.readouterr().err
+
+
 # --- processes -------------------------------------------------------------------------------------
 def test_free_port_is_free():
     import socket
