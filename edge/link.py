@@ -422,8 +422,11 @@ class CloudLink:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Target-only tokens, streamed as NDJSON lines over HTTP (no retries: a stream is not idempotent)."""
         try:
+            # a stream may last longer than any one request: bound each read, not the whole answer
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
+                                            sock_read=self.cfg.request_timeout_s)
             async with self._session.post(self.base_url + "/v1/generate", data=req.model_dump_json(),
-                                          headers=JSON) as r:
+                                          headers=JSON, timeout=timeout) as r:
                 if r.status >= 400:
                     raise CloudError(r.status, _json_object(await r.read()))
                 async for line in r.content:
