@@ -19,7 +19,7 @@ GREEDY = SamplingParams()
 def test_eight_concurrent_chats_each_equal_the_prompt_alone():
     """8 users at once (batched drafting, one link), greedy, exact cloud: every answer is the target's
     own, token for token, as when its prompt runs alone."""
-    cfg = config(**{"cloud.exact": True, "cloud.n_seq": 4, "edge.max_sessions": 8,     # 4 < 8: sequences rotate
+    cfg = config(**{"cloud.exact": True, "cloud.n_seq": 8, "edge.max_sessions": 8,
                     "edge.request_timeout_s": 600})     # the CPU cloud verifies one round at a time: a queue
 
     async def body():
