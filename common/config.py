@@ -117,7 +117,7 @@ class CloudConfig(_Section):
     backend: str = Field("llama_cpp", pattern="^(llama_cpp|torch|vllm)$")
     n_ctx: int = Field(4096, ge=256)
     n_threads: int = Field(0, ge=0)
-    n_seq: int = Field(4, ge=1, le=64)       # llama_cpp backend: sessions whose KV stays resident (n_ctx tokens each)
+    n_seq: int = Field(8, ge=1, le=64)       # llama_cpp backend: sessions whose KV stays resident (n_ctx tokens each)
     exact: bool = False                      # greedy output bit for bit the target alone's (see cloud/backends/base.py)
     max_draft: int = Field(16, ge=1, le=64)
     max_sessions: int = Field(64, ge=1)
