@@ -83,18 +83,20 @@ def test_edge_api_streams_and_rejects_bad_input():
 
 
 def test_session_loss_resyncs_and_stays_lossless():
+    """Exact mode: a re-synced session is re-evaluated as the target alone evaluated it (the prompt in one
+    batch, `prompt_len`; every later token alone), so the answer stays bit for bit the target's."""
     async def body():
-        async with edge_and_cloud(config()) as (edge, cloud):
+        async with edge_and_cloud(config(**{"cloud.exact": True})) as (edge, cloud):
             ids = edge.encode("Write a python function that checks if a number is prime.")
             ref = await edge.generate(ids, 48, GREEDY, Mode.CLOUD_ONLY)
             verify = cloud.verifier.verify
             calls = {"n": 0}
 
-            async def forgetful(req):                     # the cloud loses all sessions every 3rd round
+            async def forgetful(req, **kw):                     # the cloud loses all sessions every 3rd round
                 calls["n"] += 1
                 if calls["n"] % 3 == 0:
                     cloud.verifier.drop(req.session_id)
-                return await verify(req)
+                return await verify(req, **kw)
             cloud.verifier.verify = forgetful
             spec = await edge.generate(ids, 48, GREEDY, Mode.EDGE_CLOUD)
             return ref, spec, cloud.verifier.stats.resyncs
