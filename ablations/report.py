@@ -146,8 +146,11 @@ def _series(rows: list[dict], key) -> dict:
     return out
 
 
+COLS = {"bars": 4, "vs_rtt": 2}     # panels per figure row
+
+
 def plot(result: dict, path: Path) -> Optional[Path]:
-    """Draw the experiment's `plots` (one figure, one row of panels per plot spec)."""
+    """Draw the experiment's `plots`: each spec's metrics as panels, up to COLS[kind] a row."""
     specs = result["experiment"].get("plots") or []
     rows = [r for r in result["rows"] if not r.get("error")]
     if not specs or not rows:
@@ -155,32 +158,40 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ncols = max(len(s["metrics"]) for s in specs)
     labels = list(dict.fromkeys(r["row"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    height = [max(2.8, 0.45 * len(labels) * len(datasets) + 1.2) if s["kind"] == "bars" else 3.6 for s in specs]
-    fig, axes = plt.subplots(len(specs), ncols, figsize=(4.3 * ncols, sum(height)), squeeze=False,
+    panel_rows = []                                   # [(spec, [metrics of this figure row])]
+    for spec in specs:
+        n = COLS[spec["kind"]]
+        panel_rows += [(spec, spec["metrics"][i:i + n]) for i in range(0, len(spec["metrics"]), n)]
+    ncols = max(len(m) for _, m in panel_rows)
+    bar_h = max(2.8, 0.45 * len(labels) * len(datasets) + 1.2)
+    height = [bar_h if spec["kind"] == "bars" else 3.8 for spec, _ in panel_rows]
+    width = 4.3 if ncols > 2 else 6.5
+    fig, axes = plt.subplots(len(panel_rows), ncols, figsize=(width * ncols, sum(height) + 1.4), squeeze=False,
                              gridspec_kw={"height_ratios": height})
-    for i, spec in enumerate(specs):
+    legend = {}
+    for i, (spec, metrics) in enumerate(panel_rows):
         for j in range(ncols):
             ax = axes[i][j]
-            if j >= len(spec["metrics"]):
+            if j >= len(metrics):
                 ax.axis("off")
                 continue
-            metric = spec["metrics"][j]
             if spec["kind"] == "bars":
-                _bars(ax, rows, labels, datasets, metric)
+                _bars(ax, rows, labels, datasets, metrics[j])
             else:
-                _vs_rtt(ax, rows, labels, datasets, metric, spec.get("bound", False))
-            ax.set_title(LABELS.get(metric, metric), fontsize=10)
-        if spec["kind"] == "vs_rtt":
-            handles, names = axes[i][0].get_legend_handles_labels()
-            axes[i][0].legend(handles, names, fontsize=7, loc="best")
+                _vs_rtt(ax, rows, labels, datasets, metrics[j], spec.get("bound", False))
+                for h, name in zip(*ax.get_legend_handles_labels()):
+                    legend.setdefault(name, h)
+            ax.set_title(LABELS.get(metrics[j], metrics[j]), fontsize=10)
     w = result["experiment"]["workload"]
     fig.suptitle(f"{result['experiment']['name']}: {result['experiment']['question']}\n"
-                 f"{w['num_prompts']} held-out prompts per dataset, {w['max_tokens']} tokens; "
+                 f"{w['num_prompts']} held-out prompts per dataset, {w['max_tokens']} tokens, one user at a time; "
                  f"{result['meta']['machine']}", fontsize=10)
-    fig.tight_layout()
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if legend else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -215,9 +226,14 @@ def _vs_rtt(ax, rows, labels, datasets, metric, bound) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], DATASET_STYLES[k % 4], marker="o", ms=3.5,
                     color=color, label=f"{label} ({ds})")
             if bound and metric in BOUND_OF and all(p[2] is not None for p in pts):
-                ax.plot([p[0] for p in pts], [p[2] for p in pts], DATASET_STYLES[k % 4], color=color, alpha=0.35,
-                        lw=3, label=f"{label} bound ({ds})")
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], DATASET_STYLES[k % 4], color=color, alpha=0.3,
+                        lw=5, label="per-round bound k·t_draft + RTT + t_verify (pale, wide)" if k == 0 else
+                        "_bound")
+    rtts = sorted({r["rtt_ms"] for r in rows if r.get("rtt_ms") is not None})
     ax.set_xscale("log")
+    ax.set_xticks(rtts, [f"{x:g}" for x in rtts])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("link RTT (ms)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
