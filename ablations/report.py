@@ -255,8 +255,22 @@ def write(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"{result['experiment']['name']}.json"
     files = render(result, out)
-    js.write_text(json.dumps(_finite(result), indent=1, default=str, allow_nan=False) + "\n")
+    js.write_text(dumps(result))
     return [js] + files
+
+
+def dumps(result: dict) -> str:
+    """Strict JSON; meta, experiment and rows indented to read, the raw cells one line each (compact)."""
+    result = _finite(result)
+    enc = lambda v, indent=None: json.dumps(v, indent=indent, default=str, allow_nan=False)
+    parts = []
+    for key, value in result.items():
+        if key == "cells":
+            body = "[\n" + ",\n".join("  " + enc(c) for c in value) + "\n ]" if value else "[]"
+        else:
+            body = enc(value, 1).replace("\n", "\n ")
+        parts.append(f" {enc(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _finite(obj):
