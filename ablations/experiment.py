@@ -252,13 +252,16 @@ class Cell:
 
 
 def cells(exp: Experiment) -> list[Cell]:
-    """rows x links x repeats, repeats outermost (a slow drift of the machine spreads over all rows);
-    a row without a cloud once per repeat."""
+    """Every run, in the order they run: repeat by repeat, link by link, the rows interleaved within a
+    link, so a drift of a shared machine's load falls on every row alike rather than on whichever rows
+    come last. A row without a cloud runs once per repeat (at the first link)."""
+    rows = [(label, row_mode(exp, label), tuple(row_overrides(exp, label).items())) for label in exp.matrix]
     out = []
     for repeat in range(exp.repeats):
-        for label in exp.matrix:
-            mode = row_mode(exp, label)
-            overrides = tuple(row_overrides(exp, label).items())
-            links = [None] if mode == "edge_only" else exp.links
-            out += [Cell(label, mode, overrides, link, repeat) for link in links]
+        for i, link in enumerate(exp.links):
+            for label, mode, overrides in rows:
+                if mode != "edge_only":
+                    out.append(Cell(label, mode, overrides, link, repeat))
+                elif i == 0:
+                    out.append(Cell(label, mode, overrides, None, repeat))
     return out

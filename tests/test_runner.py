@@ -69,6 +69,7 @@ def test_switches_has_a_row_for_every_switch():
 def test_rtt_sweep_covers_the_issue_rtts_and_modes():
     exp = load_experiment(Path("ablations/experiments/rtt_sweep.yaml"))
     assert [c.rtt_ms for c in cells(exp) if c.row == "edge_cloud"] == [5, 20, 50, 100, 200, 500]
+    assert [c.row for c in cells(exp)][:4] == ["edge_cloud", "cloud_only", "edge_only", "edge_cloud"]
     assert {c.mode for c in cells(exp)} == {"edge_cloud", "cloud_only", "edge_only"}
 
 
@@ -128,9 +129,9 @@ def test_set_changes_the_experiment_or_every_row(tmp_path):
 def test_cells_rows_by_links_by_repeats(tmp_path):
     exp = load_experiment(write(tmp_path, {**GOOD, "repeats": 2}))
     got = [(c.row, c.mode, c.link, c.repeat) for c in cells(exp)]
-    one = [("edge_cloud", "edge_cloud", "rtt=5"), ("edge_cloud", "edge_cloud", "rtt=50"),
-           ("cloud_only", "cloud_only", "rtt=5"), ("cloud_only", "cloud_only", "rtt=50"),
-           ("edge_only", "edge_only", None)]                     # no cloud: no link, once per repeat
+    one = [("edge_cloud", "edge_cloud", "rtt=5"), ("cloud_only", "cloud_only", "rtt=5"),
+           ("edge_only", "edge_only", None),                     # no cloud: no link, once per repeat
+           ("edge_cloud", "edge_cloud", "rtt=50"), ("cloud_only", "cloud_only", "rtt=50")]   # rows interleaved
     assert got == [(*c, r) for r in range(2) for c in one]
     cell = next(c for c in cells(exp) if c.row == "cloud_only")
     assert cell.needs_cloud and cell.rtt_ms == 5.0
