@@ -83,9 +83,12 @@ from tqdm import tqdm
 from common import prompts
 
 # RTT classes, the population experiment's: a class holds RTTs below its bound (ms) and at or above
-# the previous one's: very_good < 50 <= good < 150 <= bad < 500 <= very_bad.
+# the previous one's: very_good < 100 <= good < 400 <= bad < 1100 <= very_bad. The bounds part the
+# components of its RTT mixture (ablations/replay.py RTT_MIXTURE: N(20,10), N(200,30), N(700,80),
+# N(2000,400) ms), each bound at least 3.3 standard deviations from the components on either side
+# except the last (2.25 below N(2000,400): about 1 % of that 1 % falls in `bad`).
 RTT_CLASS_BOUNDS_MS: tuple[tuple[str, float], ...] = (
-    ("very_good", 50.0), ("good", 150.0), ("bad", 500.0), ("very_bad", math.inf))
+    ("very_good", 100.0), ("good", 400.0), ("bad", 1100.0), ("very_bad", math.inf))
 RTT_CLASSES = tuple(name for name, _ in RTT_CLASS_BOUNDS_MS)
 UNKNOWN_RTT_CLASS = "unknown"
 

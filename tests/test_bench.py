@@ -153,9 +153,9 @@ def worked():
         out(0.1, [0.05, 0.15], 0.3, 4, 10, 0.0, [0.1, 0.15, 0.3], [1, 2, 1],
             fig("edge_cloud", 2, 6, 2, 4, 2, 2, 10.0, 20.0)),                       # very_good
         out(0.2, [0.1], 0.3, 3, 20, 0.5, [0.2, 0.3], [1, 2],
-            fig("edge_cloud", 1, 4, 2, 3, 2, 1, 30.0, 200.0), dataset="mtbench"),   # bad
+            fig("edge_cloud", 1, 4, 2, 3, 2, 1, 30.0, 700.0), dataset="mtbench"),   # bad
         out(0.3, [], 0.3, 1, 30, 0.6, [0.3], [1],
-            fig("cloud_only", 0, 0, 0, 1, 0, 1, None, 600.0)),                      # very_bad
+            fig("cloud_only", 0, 0, 0, 1, 0, 1, None, 2000.0)),                     # very_bad
         out(0.4, [0.2, 0.3, 0.2], 1.1, 8, 40, 1.2, [0.4, 0.6, 0.9, 1.1], [1, 2, 2, 3],
             fig("edge_cloud", 4, 12, 4, 8, 4, 4, 5.0, 10.0), rtt_class="bad"),      # its own class wins
         RequestOutput(id="e", dataset="mtbench", error="HTTP 429: busy"),
@@ -225,7 +225,7 @@ def test_tandem_figures_overall_per_dataset_and_rtt_class(worked):
 
 
 def test_rtt_class_bounds():
-    assert [bench.rtt_class_of(x) for x in (0, 49.99, 50, 149.9, 150, 499.9, 500, 5000, None)] == \
+    assert [bench.rtt_class_of(x) for x in (0, 99.99, 100, 399.9, 400, 1099.9, 1100, 5000, None)] == \
         ["very_good", "very_good", "good", "good", "bad", "bad", "very_bad", "very_bad", None]
 
 
@@ -300,7 +300,7 @@ def test_max_concurrency_is_never_exceeded(cap):
 
 FIGURES = {"mode": "edge_cloud", "rounds": 2, "drafted": 5, "accepted": 2, "tokens": 4, "fallbacks": 0,
            "mean_accepted_length": 2.0, "tokens_by_source": {"draft": 2, "target": 2, "edge": 0},
-           "compute_ms_per_round": 12.5, "compute_ms": 25.0, "rtt_ms": 180.0}
+           "compute_ms_per_round": 12.5, "compute_ms": 25.0, "rtt_ms": 700.0}
 
 
 def test_timings_measured_off_a_scripted_stream():
@@ -326,7 +326,7 @@ def test_timings_measured_off_a_scripted_stream():
     assert r["output_lens"] == [4] * n and r["input_lens"] == [17] * n and r["request_goodput"] > 0
     assert r["generated_texts"] == ["<1><2><3><4>"] * n
     assert r["tandem"]["tau"] == 2.0 and r["tandem"]["cloud_compute_ms_per_token"] == pytest.approx(25 / 4)
-    assert list(r["tandem"]["per_rtt_class"]) == ["bad"]                       # rtt_ms 180
+    assert list(r["tandem"]["per_rtt_class"]) == ["bad"]                       # rtt_ms 700
     q = r["tandem"]["requests"][0]
     assert q["chunk_tokens"] == [1, 2, 1] and q["chunk_times"] == pytest.approx(
         [r["ttfts"][0], r["ttfts"][0] + r["itls"][0][0], r["latencies"][0]])
