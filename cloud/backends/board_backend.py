@@ -4,6 +4,12 @@ the simulated engine of the protocol tests and the front-end benchmark).
 A round goes on in the session's live engine request when that request holds the edge's context
 (`post_round`: no future, no task: the engine-process pipe calls it directly per message); anything
 else (a new session, a re-sync, reuse off) opens a fresh request (`open_request`, per engine).
+
+Admission (common/scheduling.py says what health priority means here): a fresh request first takes a
+seat of the backend's WaitingRoom (`max_inflight` seats: vLLM's max_num_seqs); when all are taken it
+waits there, in the verifier's order (`set_order`: health with aging, or FIFO), before it enters the
+engine. The seat is given back when the request ends (finished, dropped, timed out: DraftBoard's
+on_vacate), never while its session is between rounds.
 """
 from __future__ import annotations
 
@@ -13,18 +19,29 @@ from typing import Callable, Optional
 
 from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.backends.draft_board import STALE, DraftBoard, Round
+from common.scheduling import OrderKey, WaitingRoom, engine_priority
 
 
 class BoardBackend(Backend):
     verifies = True                # rounds are verified inside the engine (averify), not from logits
     board: DraftBoard
     sessions: dict[str, str]       # session id -> its engine request id
+    room: WaitingRoom              # seats for engine requests (admit_sessions)
 
     def logits(self, session_id, tokens, n_logits, reuse):
         raise NotImplementedError("an in-engine backend verifies rounds itself: use averify")
 
-    def set_order(self, key: Callable[[Optional[float], float], float]) -> None:
+    def admit_sessions(self, seats: int) -> None:
+        """The subclass's __init__, once its board exists: at most `seats` requests hold a seat at once
+        (a request opened with Slot.seat); the board gives each seat back when its request ends."""
+        self.room = WaitingRoom(seats)
+        self.board.on_vacate = self.room.give_back
+
+    def set_order(self, key: OrderKey) -> None:
+        """The verifier's ordering (health with aging, or FIFO): for running sessions (the board) and for
+        sessions waiting for a seat (the waiting room). The switch is read there, not here."""
         self.board.order_key = key
+        self.room.key = key
 
     # The engine thread's two waits and its output. The engine process replaces both with its pipe
     # poller (vllm_engine_process.EnginePort), so that drafts and answers cross with no other thread.
@@ -74,8 +91,10 @@ class BoardBackend(Backend):
         return fut if ok else None
 
     async def open_request(self, session_id: str, context: list[int], sampling, rtt_ms, reuse: bool,
-                           rnd: Round) -> str:
-        """Start a fresh engine request holding `context`, post `rnd` to it, return its id."""
+                           rnd: Round, priority: int) -> str:
+        """Start a fresh engine request holding `context` (its board slot seated: Slot.seat, and
+        `priority` its engine priority), post `rnd` to it, return its id. Called holding a seat: if no
+        request is opened, it gives the seat back itself (self.room.give_back())."""
         raise NotImplementedError
 
     async def averify(self, session_id: str, context: list[int], draft: list[int], sampling, rtt_ms,
@@ -90,7 +109,9 @@ class BoardBackend(Backend):
         else:                                          # new session, re-sync, or reuse off: a fresh request
             if rid is not None:
                 self.drop(session_id)
-            self.sessions[session_id] = await self.open_request(session_id, context, sampling, rtt_ms, reuse, rnd)
+            key = await self.room.take(rtt_ms)         # all seats taken: wait in the verifier's order
+            self.sessions[session_id] = await self.open_request(session_id, context, sampling, rtt_ms, reuse, rnd,
+                                                                engine_priority(key))
             held = 0
         accepted, nxt = await fut
         return accepted, nxt, held

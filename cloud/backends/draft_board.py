@@ -118,6 +118,7 @@ class Slot:
     resolved_at: Optional[float] = None          # when its last round was decided
     turnaround_s: Optional[float] = None         # EMA of resolved -> next draft posted (the edge's cycle)
     finished: bool = False
+    seat: bool = False                           # holds a seat of the backend's WaitingRoom (given back once it ends)
 
 
 def align(tokens: list[int], start: int, draft: list[int]) -> Optional[list[int]]:
@@ -157,6 +158,7 @@ class DraftBoard:
         self.order_key: Callable[[Optional[float], float], float] = lambda rtt_ms, since: since
         self.reason = ""                         # why ready() last said go (engine statistics)
         self.cycles = [0, 0.0, 0.0]              # rounds posted after one resolved, s resolved -> posted, s posted -> here
+        self.on_vacate: Optional[Callable[[], None]] = None   # a seated request ended: its seat is free
 
     # --- HTTP side ----------------------------------------------------------------------------
     def open(self, slot: Slot) -> None:
@@ -235,10 +237,21 @@ class DraftBoard:
         """Forget a request; a round still waiting on it fails (its edge re-syncs)."""
         with self.lock:
             slot = self.slots.pop(req_id, None)
+            vacated = slot is not None and self._vacate(slot)
+        if vacated:
+            self.on_vacate()
         for rnd in (slot.round, slot.next) if slot is not None else ():
             if rnd is not None:
                 rnd.on_error(ENDED)
         return slot
+
+    def _vacate(self, slot: Slot) -> bool:
+        """Lock held: whether the slot gave up its seat just now (a finished or closed request holds no
+        engine seat; each seat is given back once)."""
+        if not slot.seat or self.on_vacate is None:
+            return False
+        slot.seat = False
+        return True
 
     # --- scheduler side (engine thread) ---------------------------------------------------------
     def spec_for(self, req_id: str, tokens: list[int], k: int):
@@ -309,6 +322,8 @@ class DraftBoard:
             slot.tokens.extend(new_tokens)
             slot.finished = finished
             calls = self._begin(slot, slot.round) if slot.round is not None or finished else []
+            if finished and self._vacate(slot):
+                calls.append(self.on_vacate)
         for call in calls:
             call()
 

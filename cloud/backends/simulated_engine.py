@@ -27,6 +27,7 @@ class SimulatedEngine(BoardBackend):
     def __init__(self, vocab: int = 1000, n_ctx: int = 512, step_s: float = 0.0, gather_ms=0.0,
                  abort_at: int = -1, max_inflight: int = 64):
         self.board = DraftBoard(60.0, gather_ms, pad=True)
+        self.admit_sessions(max_inflight)           # sessions beyond max_inflight wait for a seat
         self.sessions: dict[str, str] = {}
         self.n_vocab, self.n_ctx, self.max_inflight = vocab, n_ctx, max_inflight
         self.step_s, self.abort_at = step_s, abort_at   # abort_at: at this step every request ends mid-round
@@ -71,10 +72,10 @@ class SimulatedEngine(BoardBackend):
         self.board.stepped(took)
         return True
 
-    async def open_request(self, session_id, context, sampling, rtt_ms, reuse, rnd) -> str:
+    async def open_request(self, session_id, context, sampling, rtt_ms, reuse, rnd, priority) -> str:
         rid = f"req-{session_id}-{next(self._ids)}"
         self.requests += 1
-        self.board.open(Slot(rid, "edge", list(context)))
+        self.board.open(Slot(rid, "edge", list(context), seat=True))
         self.board.post(rid, rnd, rtt_ms)
         return rid
 

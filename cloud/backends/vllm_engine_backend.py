@@ -31,7 +31,7 @@ from cloud.backends.board_backend import BoardBackend, settle_future
 from cloud.backends.draft_board import DraftBoard, Round, Slot
 from cloud.backends.vllm_args import engine_kwargs
 from common.config import VllmConfig
-from common.scheduling import priority
+from common.scheduling import engine_priority
 
 
 @dataclass
@@ -99,6 +99,9 @@ class VllmEngineBackend(BoardBackend):
         self.n_vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         self.n_ctx = n_ctx
         self.max_inflight = cfg.max_num_seqs
+        # our waiting room admits at most max_num_seqs requests: vLLM never preempts for a seat, and our
+        # scheduler hides parked sessions from vLLM's running list, so it would otherwise admit past it
+        self.admit_sessions(cfg.max_num_seqs)
         self.stats = EngineStats()
         gc.callbacks.append(self._on_gc)
         self._gc_t0 = 0.0
@@ -194,15 +197,21 @@ class VllmEngineBackend(BoardBackend):
             self.stats.post_s += time.perf_counter() - t0 - took
 
     def _add(self, slot_kind: str, prompt: list[int], sampling, max_tokens: int, salt: str, prio: int,
-             rtt_ms=None, plan=None, on_tokens=None) -> str:
-        """Engine thread: add one request and its board slot."""
+             rtt_ms=None, plan=None, on_tokens=None, seat: bool = False) -> str:
+        """Engine thread: add one request and its board slot. seat: the caller holds a seat of the
+        waiting room for it, which the slot gives back when the request ends (or this, if it fails)."""
         ext = uuid.uuid4().hex
-        rid = self.engine.add_request(ext, {"prompt_token_ids": list(prompt), "cache_salt": salt},
-                                      to_vllm_sampling(sampling, max_tokens), priority=prio)
+        try:
+            rid = self.engine.add_request(ext, {"prompt_token_ids": list(prompt), "cache_salt": salt},
+                                          to_vllm_sampling(sampling, max_tokens), priority=prio)
+        except BaseException:
+            if seat:
+                self.room.give_back()
+            raise
         self._internal[ext] = rid
         if on_tokens is not None:
             self.streams[rid] = on_tokens
-        self.board.open(Slot(rid, slot_kind, list(prompt), rtt_ms=rtt_ms, plan=plan))
+        self.board.open(Slot(rid, slot_kind, list(prompt), rtt_ms=rtt_ms, plan=plan, seat=seat))
         return rid
 
     def _abort(self, rid: str) -> None:
@@ -215,12 +224,12 @@ class VllmEngineBackend(BoardBackend):
             pass
 
     # --- verifier entry points -------------------------------------------------------------------------
-    async def open_request(self, session_id, context, sampling, rtt_ms, reuse, rnd: Round) -> str:
+    async def open_request(self, session_id, context, sampling, rtt_ms, reuse, rnd: Round, priority: int) -> str:
         salt = session_id if reuse else uuid.uuid4().hex
         max_tokens = max(1, self.n_ctx - len(context) - 1)
 
         def start():
-            new = self._add("edge", context, sampling, max_tokens, salt, priority(rtt_ms), rtt_ms)
+            new = self._add("edge", context, sampling, max_tokens, salt, priority, rtt_ms, seat=True)
             self.board.post(new, rnd, rtt_ms)
             return new
         return await self._call(start)
@@ -232,8 +241,9 @@ class VllmEngineBackend(BoardBackend):
 
         def on_tokens(new, finished):
             loop.call_soon_threadsafe(q.put_nowait, (new, finished))
-        rid = await self._call(lambda: self._add("plain", prompt, sampling, max_tokens, f"gen:{session_id}", 0,
-                                                 on_tokens=on_tokens))
+        prio = engine_priority(await self.room.take(None))   # a seat as edge sessions take one (no RTT known)
+        rid = await self._call(lambda: self._add("plain", prompt, sampling, max_tokens, f"gen:{session_id}", prio,
+                                                 on_tokens=on_tokens, seat=True))
         try:
             while True:
                 new, finished = await q.get()
