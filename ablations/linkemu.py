@@ -733,18 +733,35 @@ async def _serve(args) -> int:
         server.close()
         return 0
     host, port = args.listen
-    emu = LinkEmulator(args.target[0], args.target[1], args.profile, host, port, seed=args.seed)
-    try:
-        await emu.start()
-    except OSError as e:
-        print(f"linkemu: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"linkemu listening on {emu.url}", flush=True)
+    if args.profiles is not None:       # one link per profile, each on a free port of its own, in order
+        emus = [LinkEmulator(args.target[0], args.target[1], p, host, 0, seed=args.seed + i)
+                for i, p in enumerate(args.profiles)]
+    else:
+        emus = [LinkEmulator(args.target[0], args.target[1], args.profile, host, port, seed=args.seed)]
+    for emu in emus:
+        try:
+            await emu.start()
+        except OSError as e:
+            print(f"linkemu: cannot listen on {host}:{emu.port}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"linkemu listening on {emu.url}", flush=True)
     await stop.wait()
-    stats = emu.stats
-    await emu.close()
-    print("linkemu stats " + json.dumps(stats), file=sys.stderr, flush=True)
+    stats = [emu.stats for emu in emus]
+    for emu in emus:
+        await emu.close()
+    print("linkemu stats " + json.dumps(stats[0] if args.profiles is None else stats), file=sys.stderr, flush=True)
     return 0
+
+
+def _profiles_file(path: str) -> list[LinkProfile]:
+    """A JSON list of profile texts (--profiles): one link each."""
+    try:
+        texts = json.loads(open(path).read())
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("it must be a non-empty JSON list of profile texts")
+        return [LinkProfile.parse(t) for t in texts]
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"--profiles {path}: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -756,6 +773,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=_hostport, metavar="HOST:PORT", help="where to forward (the cloud)")
     ap.add_argument("--profile", type=_profile, default=LinkProfile(), metavar="TEXT",
                     help="e.g. rtt=100,jitter=10,bw=10,loss=0.01,rto=300,handshake=1 (ms, Mbit/s, per chunk)")
+    ap.add_argument("--profiles", type=_profiles_file, default=None, metavar="FILE",
+                    help="a JSON list of profile texts: one link per profile, each listening on a free port of the "
+                         "--listen host (one ready line each, in order; link i's seed is --seed + i)")
     ap.add_argument("--seed", type=int, default=0, help="seed of jitter and stalls")
     ap.add_argument("--echo", type=_hostport, metavar="HOST:PORT", help="run an echo server instead (calibration)")
     ap.add_argument("--calibrate", action="store_true",

@@ -7,6 +7,7 @@ goodput experiments use the per-user clients below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -205,3 +206,275 @@ class TracePlan:
         return d
 
 
+
+
+# ==== users of an RTT population: per-user replay and plain-streaming clients ==========================
+# The RTT mixture of the population experiment (seed 000's): (share, mean ms, sd ms), drawn per user,
+# seeded, clipped at 1 ms. Its components are the RTT classes of ablations/bench.py (RTT_CLASS_BOUNDS_MS).
+RTT_MIXTURE: tuple[tuple[float, float, float], ...] = ((0.50, 20.0, 10.0), (0.40, 200.0, 30.0),
+                                                         (0.09, 700.0, 80.0), (0.01, 2000.0, 400.0))
+RTT_FLOOR_MS = 1.0
+# edge timing classes: cpu2 = the drafter's recorded ms per round (a 2-core CPU edge); fast = 10 ms per
+# drafted token, standing for a laptop GPU or a phone NPU (prompt prefill not charged)
+FAST_MS_PER_TOKEN = 10.0
+TIMINGS = ("cpu2", "fast")
+
+
+def sample_rtts(n: int, seed: int, mixture=RTT_MIXTURE) -> list[float]:
+    """n users' RTTs (ms) from the mixture: a component per user by its share, then N(mean, sd),
+    clipped at RTT_FLOOR_MS. Seeded: the same (n, seed) gives the same users."""
+    import numpy as np
+    rng = np.random.default_rng([seed, 14])
+    shares = np.array([m[0] for m in mixture], dtype=float)
+    comp = rng.choice(len(mixture), size=n, p=shares / shares.sum())
+    rtts = [max(RTT_FLOOR_MS, float(rng.normal(mixture[c][1], mixture[c][2]))) for c in comp]
+    return [round(r, 2) for r in rtts]
+
+
+def load_traces(path) -> list[dict]:
+    """Recorded sessions: {id, set, prompt, trace {pos: [draft, ms]}, accepted {pos: [L, a]}, fallback (the
+    reference output)}. The device's ablations/results/gpu_traces15.json has no id/set: they come from
+    results/gpu_prompts.json, whose order it follows."""
+    from pathlib import Path
+    path = Path(path)
+    rows = json.loads(path.read_text())
+    if rows and "set" not in rows[0]:
+        prompts_file = path.parent / "gpu_prompts.json"
+        meta = json.loads(prompts_file.read_text()) if prompts_file.exists() else []
+        for i, r in enumerate(rows):
+            if i < len(meta) and meta[i]["ids"] == r["prompt"]:
+                r["id"], r["set"] = meta[i]["id"], meta[i]["set"]
+            else:
+                r["id"], r["set"] = f"trace{i}", "unknown"
+    return rows
+
+
+def draft_plan(session: dict, drafts: str):
+    """draft_at(pos, out) -> (draft tokens, recorded draft ms) for a replayed session.
+    drafts='recorded': the drafter's recorded draft at that output position while the answer so far is the
+    recorded one (else the reference's next tokens, as a drafter that agrees with the target would).
+    drafts='pattern': the recorded round's accept/reject pattern on the reference output (as TracePlan):
+    it drafted L tokens and a were accepted -> reference[pos:pos+a] + one wrong token (a < L). For a target
+    whose output is not the recorded one (another model, random weights): `session["fallback"]` is then its
+    own greedy output."""
+    trace = {int(k): v for k, v in session.get("trace", {}).items()}
+    acc = {int(k): v for k, v in session.get("accepted", {}).items()}
+    ref = session["fallback"]
+    rounds_ms = [v[1] for k, v in sorted(trace.items()) if k > 0]
+    typical_ms = sorted(rounds_ms)[len(rounds_ms) // 2] if rounds_ms else 150.0
+
+    def draft_at(pos: int, out: list[int]) -> tuple[list[int], float]:
+        rec = trace.get(pos)
+        ms = rec[1] if rec else typical_ms
+        if drafts == "recorded":
+            if rec and out == ref[:pos]:
+                return list(rec[0]), ms
+            return list(ref[pos:pos + K]) or [0], ms
+        L, a = acc.get(pos, (K, K - 1))
+        d = list(ref[pos:pos + min(a, L)])
+        if len(d) < L and pos + len(d) < len(ref):
+            d.append(ref[pos + len(d)] ^ 1)         # a token the target does not pick there
+        return d or [0], ms
+    return draft_at
+
+
+async def _probe_rtt(http, url: str) -> float:
+    t = time.perf_counter()
+    async with http.get(url + "/health") as r:
+        await r.read()
+    return (time.perf_counter() - t) * 1e3
+
+
+async def replay_user(user: dict, epoch_perf: float) -> dict:
+    """One user: its request arrives at epoch_perf + user["arrival_s"] (perf_counter time) and is answered
+    by the cloud at user["url"] (its own link) either as Tandem rounds (system 'tandem': the drafts of
+    draft_plan, each after the edge timing's draft time, over user["transport"] ws|http, with the RTT the
+    client measured as the edge reports it) or as the target's own stream (system 'plain': POST
+    /v1/generate, NDJSON). Returns {"output": bench.RequestOutput as a dict, "tokens": output ids,
+    "uid", "rtt_ms", "cloud_times" (each chunk's time at the cloud, s since sent: arrival minus RTT/2)}."""
+    import dataclasses
+
+    import aiohttp
+
+    from ablations.bench import RequestOutput
+    from common.rtt import RttEstimator
+    url = user["url"]
+    o = RequestOutput(id=user["id"], dataset=user["set"], rtt_class=user.get("rtt_class"),
+                      prompt_len=len(user["prompt"]))
+    est = RttEstimator()
+    tokens: list[int] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2),
+                                     timeout=aiohttp.ClientTimeout(total=1800)) as http:
+        try:
+            est.observe(await _probe_rtt(http, url))   # the edge's link is up (and measured) before its user comes
+            send = None
+            if user["system"] == "tandem":
+                send = await (ws_rounds(http, url) if user.get("transport", "ws") == "ws" else http_rounds(http, url))
+        except Exception as e:  # noqa: BLE001 - the user fails, the run goes on
+            o.error = f"{type(e).__name__}: {e}"
+            return {"uid": user["uid"], "output": dataclasses.asdict(o), "tokens": [], "rtt_ms": user["rtt_ms"],
+                    "cloud_times": []}
+        wait = epoch_perf + user["arrival_s"] - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        st = time.perf_counter()
+        o.start_time = st - epoch_perf
+        o.client_queue_time = max(0.0, -wait)          # late: its link was not set up by its arrival
+        try:
+            if user["system"] == "plain":
+                await _plain(http, url, user, o, tokens, st)
+            else:
+                await _tandem(send, http, url, user, o, tokens, st, est)
+        except Exception as e:  # noqa: BLE001 - a connection error: this user's request failed
+            o.error = o.error or (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+    if not o.error:
+        if not o.chunk_times:
+            o.error = "no tokens"
+        else:
+            o.success = True
+            o.ttft = o.chunk_times[0]
+            o.itl = [b - a for a, b in zip(o.chunk_times, o.chunk_times[1:])]
+            o.latency = o.chunk_times[-1]
+            o.output_tokens = sum(o.chunk_tokens)
+    half = user["rtt_ms"] / 2e3
+    return {"uid": user["uid"], "output": dataclasses.asdict(o), "tokens": tokens, "rtt_ms": user["rtt_ms"],
+            "cloud_times": [max(0.0, t - half) for t in o.chunk_times]}
+
+
+def _chunk(o, tokens: list[int], new: list[int], n_new: int, st: float) -> bool:
+    """Record the tokens of one answer as a chunk; True when the answer is complete."""
+    room = cut(tokens + new, n_new)[len(tokens):]
+    tokens += room
+    if room:
+        o.chunk_times.append(time.perf_counter() - st)
+        o.chunk_tokens.append(len(room))
+    return len(tokens) >= n_new or any(t in STOP for t in room)
+
+
+async def _plain(http, url, user, o, tokens, st) -> None:
+    body = {"session_id": user["sid"], "prompt": user["prompt"], "max_tokens": user["max_tokens"],
+            "stop": sorted(STOP)}
+    async with http.post(url + "/v1/generate", json=body) as r:
+        if r.status != 200:
+            o.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+            return
+        async for line in r.content:
+            if not line.strip():
+                continue
+            chunk = json.loads(line)
+            if chunk.get("error"):
+                o.error = chunk["error"]
+                return
+            if chunk.get("token_ids") and _chunk(o, tokens, chunk["token_ids"], user["max_tokens"], st):
+                break
+            if chunk.get("done"):
+                break
+    o.finish_reason = "stop" if tokens and tokens[-1] in STOP else "length"
+    o.figures = {"mode": "cloud_only", "tokens": len(tokens), "rounds": 0, "drafted": 0, "accepted": 0,
+                 "tokens_by_source": {"draft": 0, "target": len(tokens), "edge": 0}, "rtt_ms": user["rtt_ms"],
+                 "fallbacks": 0}
+
+
+async def _tandem(send, http, url, user, o, tokens, st, est) -> None:
+    """Rounds as the edge's generator makes them, one at a time: draft (its time), send, commit."""
+    draft_at = draft_plan(user, user.get("drafts", "recorded"))
+    fast = user.get("timing", "cpu2") == "fast"
+    ctx, base, seq = list(user["prompt"]), 0, 0
+    rounds = drafted = accepted = resyncs = 0
+    draft_ms = compute_ms = 0.0
+    draft = None
+    while True:
+        if draft is None:                          # a re-sync resends the same draft: drafted once
+            draft, ms = draft_at(len(tokens), tokens)
+            ms = FAST_MS_PER_TOKEN * len(draft) if fast else ms
+            await asyncio.sleep(ms / 1e3)
+            draft_ms += ms
+        body = {"session_id": user["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
+        if base == 0:
+            body["prompt_len"] = len(user["prompt"])
+        if est.srtt_ms is not None:
+            body["rtt_ms"] = round(est.srtt_ms, 3)
+        t = time.perf_counter()
+        status, data = await send(body)
+        wall = (time.perf_counter() - t) * 1e3
+        if status == 409 and base and resyncs < 100:
+            base, resyncs = 0, resyncs + 1
+            continue
+        if status != 200:
+            o.error = f"HTTP {status}: {str(data)[:300]}"
+            return
+        est.observe(wall - data["timing"]["server_ms"])
+        n = data["accepted"]
+        new = draft[:n] + [data["next_token"]]
+        rounds, drafted, accepted = rounds + 1, drafted + len(draft), accepted + n
+        compute_ms += data["timing"]["compute_ms"]
+        ctx += new
+        base, seq = data["committed_len"], seq + 1
+        done = _chunk(o, tokens, new, user["max_tokens"], st)
+        draft = None
+        if done:
+            break
+    with contextlib.suppress(Exception):
+        async with http.delete(f"{url}/v1/sessions/{user['sid']}") as r:
+            await r.read()
+    o.finish_reason = "stop" if tokens and tokens[-1] in STOP else "length"
+    o.figures = {"mode": "edge_cloud", "rounds": rounds, "drafted": drafted, "accepted": accepted,
+                 "tokens": len(tokens), "tokens_by_source": {"draft": len(tokens) - min(rounds, len(tokens)),
+                                                              "target": min(rounds, len(tokens)), "edge": 0},
+                 "compute_ms": round(compute_ms, 3), "compute_ms_per_round": round(compute_ms / rounds, 3),
+                 "draft_ms_per_round": round(draft_ms / rounds, 3), "rtt_ms": est.srtt_ms, "fallbacks": 0,
+                 "resyncs": resyncs, "timing": user.get("timing", "cpu2")}
+
+
+async def run_users_here(users: list[dict], epoch_perf: float) -> list[dict]:
+    """Every user in this process's event loop."""
+    return list(await asyncio.gather(*[replay_user(u, epoch_perf) for u in users]))
+
+
+def _users_worker(users: list[dict], epoch_wall, start, out_q) -> None:
+    if os.environ.get("LIGHT_CPUS"):                 # keep the clients off the cloud's cores
+        os.sched_setaffinity(0, cpu_list(os.environ["LIGHT_CPUS"]))
+
+    async def go():
+        start.wait()
+        # the parent's epoch (wall clock) as this process's perf_counter time
+        epoch_perf = time.perf_counter() + (epoch_wall.value - time.time())
+        out_q.put(await run_users_here(users, epoch_perf))
+    asyncio.run(go())
+
+
+class UserProcesses:
+    """The users in `procs` spawned processes (users split round-robin), started at once against a common
+    epoch: `with UserProcesses(users, procs) as up: epoch = up.go(); ...; results = up.results()`."""
+
+    def __init__(self, users: list[dict], procs: int):
+        ctx = mp.get_context("spawn")
+        self.q = ctx.Queue()
+        self.shares = [users[i::procs] for i in range(procs) if users[i::procs]]
+        self.start = ctx.Barrier(len(self.shares) + 1)
+        self.epoch = ctx.Value("d", 0.0)
+        self.ps = [ctx.Process(target=_users_worker, args=(s, self.epoch, self.start, self.q), daemon=True)
+                   for s in self.shares]
+
+    def __enter__(self) -> "UserProcesses":
+        for p in self.ps:
+            p.start()
+        return self
+
+    def go(self, lead_s: float = 0.5) -> float:
+        """Release the users; arrivals count from the returned wall-clock epoch (lead_s from now)."""
+        self.epoch.value = time.time() + lead_s
+        self.start.wait(timeout=300)
+        return self.epoch.value
+
+    def results(self, timeout_s: float = 3600) -> list[dict]:
+        res = []
+        for _ in self.shares:
+            res += self.q.get(timeout=timeout_s)
+        return sorted(res, key=lambda r: r["uid"])
+
+    def __exit__(self, *exc) -> None:
+        for p in self.ps:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
