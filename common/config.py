@@ -166,6 +166,8 @@ class Switches(_Section):
     kv_cache: bool = True            # edge/generator.py Generator.__init__: edge KV reuse + cloud prefix reuse
     health_priority: bool = True     # cloud/verifier.py Verifier.__init__: off = FIFO admission
     batched_drafting: bool = True    # edge/drafter.py Drafter.__init__: off = one session's draft at a time
+    network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
+                                     # (edge/network_context.py)
 
 
 class TandemConfig(_Section):

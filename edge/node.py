@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 from common.assets import model_file
-from common.chat_template import ChatTemplate
+from common.chat_template import ChatTemplate, validate_messages
 from common.config import TandemConfig
 from common.llama_runtime import LlamaRunner
 from common.protocol import SamplingParams
@@ -16,6 +16,7 @@ from common.tokenizer_check import check_pair, fingerprint
 from edge.drafter import Drafter
 from edge.generator import GenStats, Generator, Mode, Piece, resolve_mode
 from edge.link import CloudLink
+from edge.network_context import with_network_context
 from edge.sessions import SessionSlots
 
 
@@ -36,6 +37,7 @@ class EdgeNode:
         self.runner = LlamaRunner(model_file(cfg.models, "draft"), cfg.draft.n_ctx, cfg.draft.n_threads,
                                   n_seq=cfg.edge.max_sessions)
         self.template = ChatTemplate.from_llama(self.runner.llm)      # the GGUF's own chat template
+        self.network_context = cfg.switches.network_context_prompt  # the user's RTT in the chat prompt
         self.drafter = Drafter(self.runner, cfg.draft, cfg.confidence, cfg.switches)
         self.slots = SessionSlots(cfg.edge.max_sessions, cfg.edge.max_queue, self.drafter.release)
         self.link = CloudLink(cloud_url, cfg.edge) if cloud_url else None
@@ -70,9 +72,12 @@ class EdgeNode:
         """Token ids of a user message wrapped in the chat template (raw: the text as is)."""
         return self.runner.tokenize(text if raw else self.template.render([{"role": "user", "content": text}]))
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
+    def encode_messages(self, messages: list[dict], user_rtt_ms: Optional[float] = None) -> list[int]:
         """Token ids of a conversation through the chat template, ready for the assistant's turn
-        (ValueError names a bad role or content)."""
+        (ValueError names a bad role or content). With switches.network_context_prompt the model is
+        told the user's RTT (edge/network_context.py); else `user_rtt_ms` is not used."""
+        if self.network_context:
+            messages = with_network_context(validate_messages(messages), user_rtt_ms)
         return self.runner.tokenize(self.template.render(messages))
 
     def detokenize(self, ids: list[int]) -> bytes:

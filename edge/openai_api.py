@@ -54,6 +54,7 @@ from edge.generator import EdgeBusy, Mode
 from edge.serving import (ARRIVED, NODE, ApiError, ClientGone, read_json_object, record_generation,
                           unless_client_gone)
 from edge.text_stream import Span, StopMatcher, TokenText
+from edge.user_rtt import HEADER as USER_RTT_HEADER, BadClientRtt, user_rtt_ms
 
 log = logging.getLogger("tandem.edge")
 
@@ -358,7 +359,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens",
                        code="invalid_value")
     try:
-        ids = node.encode_messages([m.as_template_message() for m in req.messages])
+        rtt_ms = user_rtt_ms(request)           # the user's link, for the network-aware prompt
+    except BadClientRtt as e:
+        raise ApiError(400, str(e), param=USER_RTT_HEADER, code="invalid_value") from None
+    try:
+        ids = node.encode_messages([m.as_template_message() for m in req.messages], user_rtt_ms=rtt_ms)
     except ValueError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
     gen = Generation(request, "chat", ids, req, req.max_completion_tokens or req.max_tokens)

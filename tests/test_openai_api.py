@@ -46,7 +46,8 @@ class FakeNode:
     def encode(self, text, raw=False):
         return list((text if raw else f"<user>{text}<assistant>").encode())
 
-    def encode_messages(self, messages):
+    def encode_messages(self, messages, user_rtt_ms=None):
+        self.user_rtt_ms = user_rtt_ms
         out = ""
         for m in messages:
             if m["role"] not in ("system", "user", "assistant"):
