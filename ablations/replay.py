@@ -478,3 +478,77 @@ class UserProcesses:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+
+
+# ==== recording traces on this machine ================================================================
+async def _record(url: str, requests, threads: int, n_ctx: int, out_path) -> list[dict]:
+    from tqdm import tqdm
+
+    from common.config import load_config
+    from edge.node import EdgeNode
+    cfg = load_config(overrides={"draft.n_threads": threads, "draft.n_ctx": n_ctx, "edge.request_timeout_s": 300})
+    rows = []
+    async with EdgeNode(cfg, url) as node:
+        await node.link.wait_up(60)
+        for req in tqdm(requests, desc="record", unit="prompt"):
+            ids = node.encode(req.prompt)
+            box, out = [], []
+            async for piece in node.stream(ids, req.max_tokens, node.sampling(temperature=0.0), None, box):
+                out += piece.token_ids
+            st = box[0]
+            if st.error:
+                raise RuntimeError(f"{req.id}: {st.error}")
+            rows.append({"id": req.id, "set": req.dataset, "text": req.prompt, "prompt": ids, "fallback": out,
+                         "trace": {str(pos): [d, ms] for pos, d, a, ms in st.trace},
+                         "accepted": {str(pos): [len(d), a] for pos, d, a, ms in st.trace},
+                         "stats": {k: v for k, v in st.as_dict().items() if k != "accept_hist"}})
+            out_path.write_text(json.dumps(rows))
+    return rows
+
+
+def record(args) -> int:
+    """Start the real cloud (start_cloud.py, its own process), run the real edge (llama.cpp drafter, our
+    generator) here against it with no emulated link, greedy, one prompt at a time, and keep per prompt: the
+    drafts by output position with the drafter's ms per round (its KV catch-up included), the accept counts,
+    and the answer (greedy: the target's own answer, as Tandem's default mode gives it)."""
+    from pathlib import Path
+
+    from ablations.bench import load_requests
+    from ablations.processes import Stack, start_cloud
+    out = Path(args.out)
+    reqs = [r for ds in args.datasets.split(",") for r in load_requests(ds, args.num_prompts, "heldout",
+                                                                         args.max_tokens, args.seed)]
+    sets = ["--set", f"cloud.n_threads={args.threads}", "--set", f"cloud.n_ctx={args.n_ctx}"]
+    t0 = time.time()
+    with Stack(Path(args.logs)) as stack:
+        cloud = start_cloud(stack, sets, 300)
+        rows = asyncio.run(_record(cloud.url, reqs, args.threads, args.n_ctx, out))
+    import numpy as np
+    ms = [v[1] for r in rows for k, v in r["trace"].items() if k != "0"]
+    first = [r["trace"]["0"][1] for r in rows if "0" in r["trace"]]
+    taus = [r["stats"]["mean_accepted_length"] for r in rows if r["stats"]["mean_accepted_length"]]
+    print(f"recorded {len(rows)} prompts in {time.time() - t0:.0f} s -> {out}: draft ms/round p50 "
+          f"{np.median(ms):.0f} (first round, with the prompt's prefill: {np.median(first):.0f}), tau {np.mean(taus):.2f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m ablations.replay", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="record drafts and draft timing with the real drafter against the real target")
+    rec.add_argument("--out", default="ablations/results/population_traces.json")
+    rec.add_argument("--datasets", default="humaneval,mtbench")
+    rec.add_argument("--num-prompts", type=int, default=6, help="held-out prompts per dataset")
+    rec.add_argument("--max-tokens", type=int, default=48)
+    rec.add_argument("--seed", type=int, default=0, help="the prompts' order (as the benchmark's --seed)")
+    rec.add_argument("--threads", type=int, default=1, help="threads of each model (cloud and drafter)")
+    rec.add_argument("--n-ctx", type=int, default=2048)
+    rec.add_argument("--logs", default="/tmp/tandem-record-logs")
+    args = ap.parse_args(argv)
+    return record(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
