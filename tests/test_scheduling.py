@@ -129,3 +129,18 @@ def test_in_engine_far_session_is_seated_within_the_aging_bound():
     assert asyncio.run(_engine_admissions(OrderKey(aging, True), arrivals, frees)) == ["near1", "far", "near2"]
     # without aging the far session waits behind every nearer one that comes
     assert asyncio.run(_engine_admissions(OrderKey(0.0, True), arrivals, frees)) == ["near1", "near2", "far"]
+
+
+def test_the_verifier_hands_its_policy_down_to_the_engine_s_waiting_room():
+    from cloud.backends.simulated_engine import SimulatedEngine
+    from cloud.verifier import Verifier
+    from common.config import load_config
+    for on in (True, False):
+        cfg = load_config(overrides={"switches.health_priority": on, "cloud.priority_aging_per_s": 250.0})
+        eng = SimulatedEngine(max_inflight=2)
+        try:
+            v = Verifier(eng, cfg.cloud, cfg.switches)
+            assert eng.room.key is v.queue.key is eng.board.order_key
+            assert eng.room.key.by_health is on and eng.room.key.aging_per_s == 250.0 and eng.room.seats == 2
+        finally:
+            eng.close()
