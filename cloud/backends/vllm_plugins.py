@@ -4,7 +4,10 @@
   is decoding asks the DraftBoard what to do: park (its draft is still on the wire: not stepped, KV
   stays resident), step with the edge's spec tokens, or (not ours) leave it alone. Running requests
   are ordered by the same health-factor key as the admission queue (healthiest and longest-waiting
-  first), which decides who gets the token budget when it binds. After vLLM's update_from_output
+  first), which decides who gets the token budget when it binds. Parked requests are out of `running`
+  while vLLM schedules, so vLLM alone would admit waiting requests past max_num_seqs: the backend's
+  waiting room (board_backend.py, common/scheduling.py) keeps at most max_num_seqs requests in the
+  engine and decides, by the same key, which new session gets a freed seat. After vLLM's update_from_output
   (tokens appended, stops checked) it hands the step's new tokens to the backend (`on_outputs`): the
   board's only source of tokens, answered at once, before vLLM's output processing, or after the
   step (`cloud.vllm.early_answers`).
