@@ -13,9 +13,13 @@ extra=forbid): a bad key or value is one line naming it.
     edge_only: {switches.draft_verify: false}
   repeats: 1
   plots: [{kind: vs_rtt, metrics: [per_user_tok_s, ttft_ms_p50]}]
+  device:                                                   # GPU runs only (absent on CPU runs)
+    stage: /tmp/stage                                       # staged GGUFs (ablations/device.py)
+    cpus: {edges: ["0-1", "2-3"], link: "4", clients: "5", cloud: "6-15"}
 
-Cells are rows x links x repeats. A row whose configuration needs no cloud (edge-only) sends nothing
-over a link, so it runs once per repeat and stands for every link.
+Cells are rows x links x repeats. A row whose configuration needs no cloud (edge-only, or the target
+alone on the edge: local_target) sends nothing over a link, so it runs once per repeat and stands for
+every link. The cloud is kept across cells whose cloud-side configuration (cloud_side) is the same.
 """
 from __future__ import annotations
 
@@ -84,6 +88,72 @@ class Plot(_Strict):
         return v
 
 
+def parse_cpus(spec: str) -> frozenset[int]:
+    """'0-5,8' -> {0, 1, 2, 3, 4, 5, 8} (a CPU set as `taskset -c` writes it)."""
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        a, dash, b = part.strip().partition("-")
+        if not a.isdigit() or (dash and not b.isdigit()) or (dash and int(b) < int(a)):
+            raise ValueError(f"'{spec}' is not a CPU set like '0-1' or '0,2,4-7'")
+        out.update(range(int(a), int(b or a) + 1))
+    return frozenset(out)
+
+
+class Cpus(_Strict):
+    """Where each process runs (Linux CPU affinity, inherited by its threads and children)."""
+    edges: list[str] = Field(min_length=1)   # one CPU set per lane: a cell's edge runs alone on its lane's set,
+                                             # and the lanes' cells run at once against the one shared cloud
+    cloud: Optional[str] = None              # the cloud node: its engine and HTTP front-end processes
+    link: Optional[str] = None               # the link emulators
+    clients: Optional[str] = None            # the runner and its benchmark clients
+
+    @field_validator("edges")
+    @classmethod
+    def _edges(cls, v):
+        sets = [parse_cpus(s) for s in v]
+        for i, a in enumerate(sets):
+            for j in range(i):
+                if a & sets[j]:
+                    raise ValueError(f"lanes {j} ('{v[j]}') and {i} ('{v[i]}') share CPU(s) {sorted(a & sets[j])}")
+        return v
+
+    @field_validator("cloud", "link", "clients")
+    @classmethod
+    def _set(cls, v):
+        if v is not None:
+            parse_cpus(v)
+        return v
+
+    @model_validator(mode="after")
+    def _edges_alone(self):
+        """An edge's CPUs are its own: nothing else is placed on them."""
+        edges = frozenset().union(*(parse_cpus(s) for s in self.edges))
+        for name in ("cloud", "link", "clients"):
+            spec = getattr(self, name)
+            if spec is not None and parse_cpus(spec) & edges:
+                raise ValueError(f"{name} ('{spec}') shares CPU(s) {sorted(parse_cpus(spec) & edges)} with the edges")
+        return self
+
+    def sets(self) -> dict[str, Optional[frozenset[int]]]:
+        return {"cloud": self.cloud and parse_cpus(self.cloud), "link": self.link and parse_cpus(self.link),
+                "clients": self.clients and parse_cpus(self.clients)}
+
+    def check(self, available: set[int]) -> None:
+        """Every named CPU exists here (ExperimentError naming the missing ones)."""
+        named = set().union(*(parse_cpus(s) for s in self.edges),
+                            *(parse_cpus(s) for s in (self.cloud, self.link, self.clients) if s is not None))
+        if named - available:
+            raise ExperimentError(f"device.cpus names CPU(s) {sorted(named - available)} this machine does not "
+                                  f"give the runner (it has {min(available)}-{max(available)}); "
+                                  "run with --set device=null on another machine")
+
+
+class Device(_Strict):
+    """What only the device (GPU) runs need; CPU runs leave the block out."""
+    stage: Optional[str] = None          # staged GGUFs: <stage>/qwen/model.gguf (target), <stage>/tandem/<draft>.gguf
+    cpus: Optional[Cpus] = None
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=LABEL)
     question: str = Field(min_length=1)
@@ -96,6 +166,7 @@ class Experiment(_Strict):
     table: list[str] = Field(default_factory=lambda: ["per_user_tok_s", "ttft_ms_p50", "tpot_ms_p50", "tau",
                                                       "acceptance"])
     plots: list[Plot] = []
+    device: Optional[Device] = None      # GPU runs: staged models, CPU placement, parallel lanes
 
     @field_validator("question")
     @classmethod
@@ -157,10 +228,48 @@ def row_config(exp: Experiment, label: str) -> TandemConfig:
     return load_config(overrides=row_overrides(exp, label))
 
 
+LOCAL_MODES = ("edge_only", "local_target")      # modes that run on the edge alone (no cloud, no link)
+
+
 def row_mode(exp: Experiment, label: str) -> str:
-    """edge_cloud | edge_only | cloud_only: what the row's configuration makes of the edge."""
+    """edge_cloud | edge_only | cloud_only: what the row's configuration makes of the edge;
+    local_target: edge-only with the target as the edge's model (what a user could run locally)."""
     from edge.generator import resolve_mode
-    return resolve_mode(row_config(exp, label)).value
+    cfg = row_config(exp, label)
+    mode = resolve_mode(cfg).value
+    if mode == "edge_only" and cfg.models.draft == cfg.models.target:
+        return "local_target"
+    return mode
+
+
+def _switch_readers() -> dict[str, str]:
+    """switch -> the file that reads it, from common/config.py (each Switches field's comment names it)."""
+    import inspect
+    import re
+    from common.config import Switches
+    src = inspect.getsource(Switches)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): bool = \w+\s+#\s*([\w/]+\.py)", src, re.M)}
+
+
+EDGE_SECTIONS = ("draft", "confidence", "sampling", "edge")   # config sections only the edge reads
+
+
+def cloud_side(key: str) -> bool:
+    """Might the cloud process read this config key? A key is edge-side only where that is known: the
+    sections only the edge reads (EDGE_SECTIONS: nothing under cloud/ reads them), the draft's
+    `models.draft*`, and a switch whose reader (its comment in common/config.py) is under edge/. Every
+    other key counts as cloud-side: the `cloud` section, the target's models.target*, models.cache_dir,
+    a switch read under cloud/ or common/ (a policy both sides share), a new section. The safe side:
+    a cell that changes one gets a fresh cloud."""
+    section, _, rest = key.partition(".")
+    if section in EDGE_SECTIONS:
+        return False
+    if section == "models":
+        return not rest.startswith("draft")
+    if section == "switches":
+        reader = _switch_readers().get(rest)
+        return reader is None or not reader.startswith("edge/")
+    return True
 
 
 def _format(e: ValidationError) -> str:
@@ -232,7 +341,12 @@ class Cell:
 
     @property
     def needs_cloud(self) -> bool:
-        return self.mode != "edge_only"
+        return self.mode not in LOCAL_MODES
+
+    @property
+    def cloud_overrides(self) -> tuple[tuple[str, Any], ...]:
+        """The overrides the cloud reads: cells with the same ones share one cloud process."""
+        return tuple(sorted(((k, v) for k, v in self.overrides if cloud_side(k)), key=lambda kv: kv[0]))
 
     @property
     def rtt_ms(self) -> Optional[float]:
@@ -243,10 +357,11 @@ class Cell:
         link = "nolink" if self.link is None else self.link.replace("=", "").replace(",", "_")
         return f"{self.row}__{link}__r{self.repeat}"
 
-    def set_args(self) -> list[str]:
-        """The overrides as command-line flags of start_cloud.py / start_edge.py (JSON is YAML)."""
+    def set_args(self, overrides: Optional[tuple] = None) -> list[str]:
+        """The overrides (default: all of the cell's) as command-line flags of start_cloud.py /
+        start_edge.py (JSON is YAML)."""
         out = []
-        for key, value in self.overrides:
+        for key, value in self.overrides if overrides is None else overrides:
             out += ["--set", f"{key}={json.dumps(value)}"]
         return out
 
@@ -260,7 +375,7 @@ def cells(exp: Experiment) -> list[Cell]:
     for repeat in range(exp.repeats):
         for i, link in enumerate(exp.links):
             for label, mode, overrides in rows:
-                if mode != "edge_only":
+                if mode not in LOCAL_MODES:
                     out.append(Cell(label, mode, overrides, link, repeat))
                 elif i == 0:
                     out.append(Cell(label, mode, overrides, None, repeat))

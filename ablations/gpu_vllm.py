@@ -246,12 +246,12 @@ async def start_tandem_cloud(model_dir, args, **vover):
     return node.verifier.backend, node.verifier, node, node.url, round(time.time() - t0, 1)
 
 
-def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, rtt_ms: float, out_q) -> None:
+def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, out_q) -> None:
     """A real edge process: llama.cpp drafter + our Generator, one prompt after another."""
     from common.config import load_config
     from edge.generator import GenStats
     from edge.node import EdgeNode
-    cfg = load_config(overrides={"draft.n_threads": threads, "edge.emulated_rtt_ms": rtt_ms,
+    cfg = load_config(overrides={"draft.n_threads": threads,
                                  "edge.request_timeout_s": 300})
 
     async def go():
@@ -267,11 +267,13 @@ def edge_worker(url: str, rows: list[dict], n_new: int, threads: int, rtt_ms: fl
     asyncio.run(go())
 
 
-def run_real_edges(url, rows, n_new, procs, threads, rtt_ms=0.0) -> list[dict]:
+def run_real_edges(url, rows, n_new, procs, threads) -> list[dict]:
+    """Real edges straight on the cloud's port (no link between them: the edges job measures
+    losslessness and records drafts; experiments with a link run through `python -m ablations run`)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     shares = [rows[i::procs] for i in range(procs)]
-    ps = [ctx.Process(target=edge_worker, args=(url, s, n_new, threads, rtt_ms, q)) for s in shares if s]
+    ps = [ctx.Process(target=edge_worker, args=(url, s, n_new, threads, q)) for s in shares if s]
     for p in ps:
         p.start()
     got = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import signal
@@ -26,6 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 15.0
 
 
+def cpu_spec(cpus) -> str:
+    """{0, 1, 2, 5} -> '0-2,5' (as `taskset -c` writes a CPU set)."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
 class ProcessFailed(RuntimeError):
     """A process exited or never became ready; the message carries the tail of its log."""
 
@@ -37,7 +53,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _child_setup() -> None:           # runs in the child between fork and exec
+def _child_setup(cpus: Optional[frozenset[int]] = None) -> None:   # runs in the child between fork and exec
+    if cpus:                          # before exec: every thread and child of the process inherits it
+        os.sched_setaffinity(0, cpus)
     # Ctrl-C's default action: a runner started in the background of a non-interactive shell inherits
     # SIGINT ignored, and its children would too; stop() asks them to end with SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -52,17 +70,18 @@ def _child_setup() -> None:           # runs in the child between fork and exec
 class Proc:
     """One child process with its log file."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        self.name, self.argv, self.log_path = name, argv, log_path
+    def __init__(self, name: str, argv: list[str], log_path: Path, cpus: Optional[frozenset[int]] = None):
+        """cpus: run it on these CPUs only (its threads and children too)."""
+        self.name, self.argv, self.log_path, self.cpus = name, argv, log_path, cpus
         self.url: Optional[str] = None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
-        self._log.write(("$ " + " ".join(argv) + "\n").encode())
+        self._log.write(("$ " + (f"taskset -c {cpu_spec(cpus)} " if cpus else "") + " ".join(argv) + "\n").encode())
         self._log.flush()
         self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT, start_new_session=True,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                      preexec_fn=_child_setup)
+                                      preexec_fn=functools.partial(_child_setup, cpus))
 
     def tail(self, lines: int = 25) -> str:
         try:
@@ -135,8 +154,8 @@ class Stack(contextlib.AbstractContextManager):
         self.log_dir, self.procs = log_dir, []
         self.stopped: dict[str, dict] = {}      # name -> {pid, exit status}, once stopped
 
-    def start(self, name: str, argv: list[str]) -> Proc:
-        proc = Proc(name, argv, self.log_dir / f"{name}.log")
+    def start(self, name: str, argv: list[str], cpus: Optional[frozenset[int]] = None) -> Proc:
+        proc = Proc(name, argv, self.log_dir / f"{name}.log", cpus)
         self.procs.append(proc)
         return proc
 
@@ -149,27 +168,29 @@ class Stack(contextlib.AbstractContextManager):
 URL = r"(http://127\.0\.0\.1:\d+)"
 
 
-def start_cloud(stack: Stack, set_args: list[str], timeout_s: float) -> Proc:
+def start_cloud(stack: Stack, set_args: list[str], timeout_s: float, cpus: Optional[frozenset[int]] = None) -> Proc:
     proc = stack.start("cloud", [sys.executable, "start_cloud.py", "--host", "127.0.0.1", "--port",
-                                 str(free_port()), *set_args])
+                                 str(free_port()), *set_args], cpus)
     proc.url = proc.wait_line(r"tandem cloud \(\w+\) serving on " + URL, timeout_s).group(1)
     proc.wait_health(timeout_s=timeout_s)
     return proc
 
 
-def start_link(stack: Stack, target_url: str, profile: str, seed: int, timeout_s: float) -> Proc:
+def start_link(stack: Stack, target_url: str, profile: str, seed: int, timeout_s: float,
+               cpus: Optional[frozenset[int]] = None) -> Proc:
     target = target_url.removeprefix("http://")
     proc = stack.start("linkemu", [sys.executable, "-m", "ablations.linkemu", "--listen", f"127.0.0.1:{free_port()}",
-                                   "--target", target, "--profile", profile, "--seed", str(seed)])
+                                   "--target", target, "--profile", profile, "--seed", str(seed)], cpus)
     proc.url = proc.wait_line(r"linkemu listening on " + URL, timeout_s).group(1)
     return proc
 
 
-def start_edge(stack: Stack, cloud_url: Optional[str], set_args: list[str], timeout_s: float) -> Proc:
+def start_edge(stack: Stack, cloud_url: Optional[str], set_args: list[str], timeout_s: float,
+               cpus: Optional[frozenset[int]] = None) -> Proc:
     argv = [sys.executable, "start_edge.py", "--host", "127.0.0.1", "--port", str(free_port()), *set_args]
     if cloud_url:
         argv += ["--cloud-url", cloud_url]
-    proc = stack.start("edge", argv)
+    proc = stack.start("edge", argv, cpus)
     proc.url = proc.wait_line(r"tandem edge serving on " + URL, timeout_s).group(1)
     proc.wait_health(("ok",), timeout_s=timeout_s)      # "degraded" until its link to the cloud is up
     return proc

@@ -23,7 +23,7 @@ LABELS = {
     "bound_tpot_ms": "bound: TPOT (ms)", "completed": "completed", "failed": "failed",
 }
 BOUND_OF = {"per_user_tok_s": "bound_tok_s", "tpot_ms_p50": "bound_tpot_ms"}
-MODE_COLORS = {"edge_cloud": "#4C72B0", "cloud_only": "#DD8452", "edge_only": "#55A868"}
+MODE_COLORS = {"edge_cloud": "#4C72B0", "cloud_only": "#DD8452", "edge_only": "#55A868", "local_target": "#C44E52"}
 DATASET_STYLES = ["-", "--", ":", "-."]
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974"]
 
@@ -222,7 +222,7 @@ def _vs_rtt(ax, rows, labels, datasets, metric, bound) -> None:
             pts = [p for p in pts if p[1] is not None]
             if not pts:
                 continue
-            color = MODE_COLORS.get(pts[0][3], PALETTE[li % len(PALETTE)]) if len(labels) <= 3 else PALETTE[li % len(PALETTE)]
+            color = MODE_COLORS.get(pts[0][3], PALETTE[li % len(PALETTE)]) if len(labels) <= len(MODE_COLORS) else PALETTE[li % len(PALETTE)]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], DATASET_STYLES[k % 4], marker="o", ms=3.5,
                     color=color, label=f"{label} ({ds})")
             if bound and metric in BOUND_OF and all(p[2] is not None for p in pts):

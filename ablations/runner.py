@@ -1,7 +1,14 @@
-"""Run an experiment file: for each cell (row x link x repeat) start the cloud, the link emulator and
-the edge as processes (ablations/processes.py), warm up, run the serving benchmark (ablations/bench.py)
-against the edge's OpenAI API once per dataset, scrape both nodes' /stats around each benchmark, stop
-the processes, and write the result (ablations/report.py).
+"""Run an experiment file: for each cell (row x link x repeat) start the link emulator and the edge as
+processes (ablations/processes.py), warm up, run the serving benchmark (ablations/bench.py) against
+the edge's OpenAI API once per dataset, scrape both nodes' /stats around each benchmark, stop the
+processes, and write the result (ablations/report.py). The cloud process is kept across cells whose
+cloud-side configuration is the same (CloudPool; experiment.py cloud_side) and restarted when it
+changes: a vLLM cloud takes 1-2 min to start.
+
+Device runs (the experiment's `device:` block): the staged models are found through TANDEM_CACHE
+(ablations/device.py); each process runs on its CPU set; with several edge lanes, the cells of one
+cloud configuration run at once, one per lane, each edge alone on its lane's CPUs, against the one
+shared cloud.
 
   python -m ablations run ablations/experiments/rtt_sweep.yaml                    # -> /tmp/tandem-results/...
   python -m ablations run ablations/experiments/switches.yaml --out ablations/results   # refresh the committed report
@@ -23,8 +30,10 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,8 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ablations import report
-from ablations.experiment import Cell, Experiment, Workload, cells
-from ablations.processes import ROOT, ProcessFailed, Stack, start_cloud, start_edge, start_link
+from ablations.experiment import Cell, Experiment, Workload, cells, parse_cpus
+from ablations.processes import ROOT, ProcessFailed, Stack, cpu_spec, start_cloud, start_edge, start_link
 
 RESULTS_TMP = Path("/tmp/tandem-results")
 CALIBRATION = ROOT / "ablations" / "results" / "linkemu_calibration.md"
@@ -99,11 +108,21 @@ def environment(command: str) -> dict:
 def what_was_real(exp: Experiment) -> str:
     from common.config import load_config
     cfg = load_config(overrides=exp.base)
+    cpus = exp.device.cpus if exp.device else None
+    place = ""
+    if cpus:
+        place = (f" Each edge ran alone on its CPU set ({', '.join(cpus.edges)}: a {len(parse_cpus(cpus.edges[0]))}-core "
+                 f"edge device); the cloud on {cpus.cloud or 'the other CPUs'}, the link emulators on "
+                 f"{cpus.link or 'the other CPUs'}, the runner and its clients on {cpus.clients or 'the other CPUs'}."
+                 + (f" Cells of one cloud configuration ran {len(cpus.edges)} at a time, one per edge CPU set, "
+                    "against the one shared cloud." if len(cpus.edges) > 1 else ""))
     return (f"Real: the cloud (`start_cloud.py`, {cfg.cloud.backend} backend, target {cfg.models.target}) and the edge "
-            f"(`start_edge.py`, llama.cpp, draft {cfg.models.draft}) ran as separate processes on this machine, a "
-            f"fresh pair per cell; every byte between them crossed loopback TCP through the link emulator "
-            f"(`python -m ablations.linkemu`, a process of its own); the clients were ablations/bench.py driving the "
-            f"edge's OpenAI API (`/v1/chat/completions`, streamed) over HTTP. Nothing was replayed or simulated.")
+            f"(`start_edge.py`, llama.cpp, draft {cfg.models.draft}) ran as separate processes on this machine: a "
+            f"fresh edge per cell, the cloud kept across cells whose cloud-side configuration was the same (each "
+            f"cell's `cloud` record says whether it was reused); every byte between them crossed loopback TCP through "
+            f"the link emulator (`python -m ablations.linkemu`, a process of its own, one per cell); the clients were "
+            f"ablations/bench.py driving the edge's OpenAI API (`/v1/chat/completions`, streamed) over HTTP.{place} "
+            f"Nothing was replayed or simulated.")
 
 
 # --- one cell ------------------------------------------------------------------------------------
@@ -197,19 +216,89 @@ def _link_stats(log_path: Path) -> Optional[dict]:
     return None
 
 
-def _start(stack: Stack, cell: Cell, seed: int):
-    """cloud -> link emulator -> edge, each ready before the next starts (none of the first two for a
-    row without a cloud)."""
-    set_args, cloud, link = cell.set_args(), None, None
+class CloudPool:
+    """The cloud process, kept up across cells whose cloud-side overrides (Cell.cloud_overrides) are the
+    same, stopped and started afresh when they change, started again if it died. Thread-safe: the
+    lanes of a device run share it (the runner gives them only cells of one cloud configuration at a
+    time)."""
+
+    def __init__(self, logs: Path, cpus: Optional[frozenset[int]] = None, start=None):
+        self.logs, self.cpus = logs, cpus
+        self._start = start or (lambda stack, set_args: start_cloud(stack, set_args, START_TIMEOUT_S, cpus))
+        self.key, self.stack, self.proc, self.count, self.served = None, None, None, 0, 0
+        self.stopped: list[dict] = []          # every cloud stopped so far: its logs, exit status, cells served
+        self._lock = threading.Lock()
+
+    def get(self, cell: Cell):
+        """(the cloud process for this cell, the cell's record of it)."""
+        key = cell.cloud_overrides
+        with self._lock:
+            if self.proc is not None and self.key == key and self.proc.popen.poll() is None:
+                self.served += 1
+                return self.proc, {"logs": self._where(), "reused": True, "cells_before": self.served - 1}
+            self.close()
+            self.count += 1
+            self.stack = Stack(self.logs / f"cloud{self.count}")
+            t = time.perf_counter()
+            try:
+                self.proc = self._start(self.stack, cell.set_args(key))
+            except BaseException:
+                self.close()
+                raise
+            self.key, self.served = key, 1
+            return self.proc, {"logs": self._where(), "reused": False, "startup_s": round(time.perf_counter() - t, 1)}
+
+    def _where(self) -> str:
+        return f"{self.logs.name}/cloud{self.count}"
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.__exit__(None, None, None)
+            self.stopped.append({"logs": self._where(), "cells": self.served, "processes": self.stack.stopped})
+        self.key, self.stack, self.proc = None, None, None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The CPU sets of a run's processes (None: wherever the OS puts them)."""
+    edges: tuple[Optional[frozenset[int]], ...] = (None,)     # one per lane
+    cloud: Optional[frozenset[int]] = None
+    link: Optional[frozenset[int]] = None
+    clients: Optional[frozenset[int]] = None
+
+    @classmethod
+    def of(cls, exp: Experiment) -> "Placement":
+        """From the experiment's device.cpus; a process it leaves out gets every CPU but the edges'."""
+        cpus = exp.device.cpus if exp.device else None
+        if cpus is None:
+            return cls()
+        here = os.sched_getaffinity(0)
+        cpus.check(here)
+        edges = tuple(parse_cpus(e) for e in cpus.edges)
+        rest = frozenset(here) - frozenset().union(*edges)
+        sets = cpus.sets()
+        if not rest and not all(sets.values()):
+            from ablations.experiment import ExperimentError
+            raise ExperimentError("device.cpus: the edges take every CPU; name the cloud's, link's and clients' sets")
+        return cls(edges, sets["cloud"] or rest, sets["link"] or rest, sets["clients"] or rest)
+
+
+def _start(stack: Stack, cell: Cell, seed: int, pool: CloudPool, place: Placement, lane: int):
+    """cloud (the pool's) -> link emulator -> edge, each ready before the next starts (none of the
+    first two for a row without a cloud)."""
+    cloud, link, cloud_record = None, None, None
     if cell.needs_cloud:
-        cloud = start_cloud(stack, set_args, START_TIMEOUT_S)
-        link = start_link(stack, cloud.url, cell.link, seed, START_TIMEOUT_S)
-    edge = start_edge(stack, link.url if link else None, set_args, START_TIMEOUT_S)
-    return edge, cloud, link
+        cloud, cloud_record = pool.get(cell)
+        link = start_link(stack, cloud.url, cell.link, seed, START_TIMEOUT_S, place.link)
+    edge = start_edge(stack, link.url if link else None, cell.set_args(), START_TIMEOUT_S, place.edges[lane])
+    return edge, cloud, link, cloud_record
 
 
-def _measure(w, cell: Cell, edge, cloud, reqs: list) -> dict:
-    """One benchmark against the edge, the nodes' /stats scraped before and after."""
+def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) -> dict:
+    """One benchmark against the edge, the nodes' /stats scraped before and after. own_window: the
+    cloud's latency window (its last 4096 rounds) holds this cell's rounds alone; else (a cloud kept
+    from an earlier cell, or shared with cells running at once) its percentiles are not this cell's
+    and are left out."""
     from ablations.bench import parse_goodput, run_benchmark
     e0, c0 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
     t = time.perf_counter()
@@ -219,32 +308,60 @@ def _measure(w, cell: Cell, edge, cloud, reqs: list) -> dict:
         headers_for=None, percentiles=(50, 90, 99), progress=False))
     wall = time.perf_counter() - t
     e1, c1 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
+    if c1 and not own_window:
+        c1 = {**c1, "latency_ms": None, "queue_ms": None}
     return {**summarise(cell.mode, cell.rtt_ms, bench, c1), "wall_s": round(wall, 1), "bench": bench,
             "edge_stats": _diff(e1, e0, EDGE_COUNTERS),
             "cloud_stats": {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"),
                             "queue_ms": c1.get("queue_ms")} if c1 else None}
 
 
-def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Path) -> dict:
-    """Start the cell's processes, run one benchmark per dataset, stop them; the cell's record."""
+RAW = ("itls",)                                      # per request: every inter-chunk gap
+RAW_PER_REQUEST = ("chunk_times", "chunk_tokens")     # per request: every chunk's time and tokens
+
+
+def slim_bench(bench: dict) -> dict:
+    """A benchmark's output as the result JSON keeps it: without the raw per-chunk lists (RAW,
+    RAW_PER_REQUEST), which the logs archive keeps whole (<cell>/bench_<dataset>.json). Every figure
+    a report shows, and derive_rows' inputs (per request: the figures, TTFT, E2EL, output length,
+    text), stays."""
+    out = {k: v for k, v in bench.items() if k not in RAW}
+    tandem = out.get("tandem")
+    if isinstance(tandem, dict) and tandem.get("requests"):
+        out["tandem"] = {**tandem, "requests": [{k: v for k, v in r.items() if k not in RAW_PER_REQUEST}
+                                                for r in tandem["requests"]]}
+    return out
+
+
+def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Path, pool: CloudPool,
+             place: Placement = Placement(), lane: int = 0, shared: bool = False) -> dict:
+    """Start the cell's processes (the cloud from the pool), run one benchmark per dataset, stop them;
+    the cell's record. shared: other cells run at once against the same cloud."""
     w = exp.workload
     record: dict[str, Any] = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
                               "repeat": cell.repeat, "overrides": dict(cell.overrides),
                               "logs": f"{log_dir.parent.name}/{log_dir.name}", "load_at_start": _load(), "datasets": {}}
+    if place.edges[lane] is not None:
+        record["edge_cpus"] = cpu_spec(place.edges[lane])
     t0 = time.perf_counter()
     link = None
     with Stack(log_dir) as stack:
         try:
-            edge, cloud, link = _start(stack, cell, w.seed)
+            edge, cloud, link, record["cloud"] = _start(stack, cell, w.seed, pool, place, lane)
             record["startup_s"] = round(time.perf_counter() - t0, 1)
+            own = not shared and not (record["cloud"] or {}).get("reused")
             if w.warmup:
                 asyncio.run(_warmup(edge.url))
             for ds, reqs in requests.items():
-                record["datasets"][ds] = _measure(w, cell, edge, cloud, reqs)
+                data = _measure(w, cell, edge, cloud, reqs, own)
+                (log_dir / f"bench_{ds}.json").write_text(json.dumps(data["bench"]))   # whole, in the logs archive
+                data["bench"] = slim_bench(data["bench"])
+                record["datasets"][ds] = data
         except ProcessFailed:
             raise
         except Exception as e:         # the benchmark or a scrape failed: say why, with every process's log
-            tails = "\n".join(f"--- {p.name} ({p.log_path}):\n{p.tail(15)}" for p in stack.procs)
+            procs = stack.procs + ([pool.proc] if cell.needs_cloud and pool.proc else [])
+            tails = "\n".join(f"--- {p.name} ({p.log_path}):\n{p.tail(15)}" for p in procs)
             raise CellFailed(f"{type(e).__name__}: {e}\n{tails}") from e
     record["processes"] = stack.stopped
     if link is not None:
@@ -257,7 +374,7 @@ def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Pa
 def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
     """One row per (matrix row, link, dataset): the mean over repeats of each figure. A row without a
     cloud was measured once (per repeat) and stands for every link."""
-    from ablations.experiment import METRICS, link_rtt_ms
+    from ablations.experiment import LOCAL_MODES, METRICS, link_rtt_ms
     out = []
     for label in exp.matrix:
         for link in exp.links:
@@ -270,7 +387,7 @@ def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
                 mode = (runs or failed)[0]["mode"]
                 row = {"row": label, "mode": mode, "link": link,
                        "rtt_ms": link_rtt_ms(link), "dataset": ds, "repeats": len(runs),
-                       "measured_once": mode == "edge_only"}
+                       "measured_once": mode in LOCAL_MODES}
                 for m in METRICS:
                     vals = [r["datasets"][ds].get(m) for r in runs]
                     vals = [v for v in vals if v is not None]
@@ -318,38 +435,94 @@ def _command(argv: Optional[list[str]]) -> str:
     return "python -m ablations " + " ".join(shlex.quote(a) for a in args)
 
 
+def waves(todo: list[Cell]) -> list[list[Cell]]:
+    """The cells cut where the cloud configuration changes: every cell of a wave can share one cloud
+    (a cell without a cloud joins the wave it falls in)."""
+    out: list[list[Cell]] = [[]]
+    key = None
+    for c in todo:
+        if c.needs_cloud:
+            if key is not None and c.cloud_overrides != key:
+                out.append([])
+            key = c.cloud_overrides
+        out[-1].append(c)
+    return [wave for wave in out if wave]
+
+
 def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None) -> tuple[dict, bool]:
     """Run every cell; write <out>/<name>.{json,md,png}. Returns (result, all cells succeeded)."""
     from ablations.bench import load_requests
     w = exp.workload
     out.mkdir(parents=True, exist_ok=True)
     logs = out / f"{exp.name}-logs"
+    if exp.device and exp.device.stage:
+        from ablations.device import stage_models
+        stage_models(exp.device.stage)            # before any process starts: they inherit TANDEM_CACHE
+    place = Placement.of(exp)
     meta = environment(_command(argv))
     meta["real"] = what_was_real(exp)
     requests = {ds: load_requests(ds, w.num_prompts, w.split, w.max_tokens, w.seed) for ds in w.datasets}
     result = {"meta": meta, "experiment": exp.model_dump(mode="json"), "rows": [], "cells": []}
     todo = cells(exp)
     t0 = time.perf_counter()
-    ok = True
-    bar = tqdm(todo, desc=exp.name, unit="cell")
-    try:
-        for cell in bar:
-            bar.set_postfix_str(f"{cell.row} @ {cell.link or 'no link'}")
-            try:
-                record = run_cell(exp, cell, requests, logs / cell.slug)
-            except (ProcessFailed, CellFailed) as e:
-                ok = False
-                record = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
-                          "repeat": cell.repeat, "error": f"{type(e).__name__}: {e}", "logs": str(logs / cell.slug)}
-                tqdm.write(f"cell {cell.row} @ {cell.link or 'no link'} failed: {e}", file=sys.stderr)
+    state = {"ok": True}
+    lock, stop = threading.Lock(), threading.Event()
+    pool = CloudPool(logs, place.cloud)
+    bar = tqdm(total=len(todo), desc=exp.name, unit="cell")
+    mine = os.sched_getaffinity(0) if place.clients else None
+    if place.clients:
+        os.sched_setaffinity(0, place.clients)    # the runner's threads: the benchmark clients
+
+    def one(cell: Cell, lane: int, shared: bool) -> None:
+        try:
+            record = run_cell(exp, cell, requests, logs / cell.slug, pool, place, lane, shared)
+        except (ProcessFailed, CellFailed) as e:
+            state["ok"] = False
+            record = {"row": cell.row, "mode": cell.mode, "link": cell.link, "rtt_ms": cell.rtt_ms,
+                      "repeat": cell.repeat, "error": f"{type(e).__name__}: {e}", "logs": str(logs / cell.slug)}
+            tqdm.write(f"cell {cell.row} @ {cell.link or 'no link'} failed: {e}", file=sys.stderr)
+        with lock:
             result["cells"].append(record)
             _finish(exp, result, out, t0, final=False)
+            bar.set_postfix_str(f"{cell.row} @ {cell.link or 'no link'}")
+            bar.update()
+
+    def lane_worker(lane: int, queue: list[Cell]) -> None:
+        while not stop.is_set():
+            with lock:
+                if not queue:
+                    return
+                cell = queue.pop(0)
+            one(cell, lane, shared=True)
+
+    try:
+        for wave in waves(todo):
+            if len(place.edges) == 1:
+                for cell in wave:
+                    one(cell, 0, shared=False)
+                continue
+            # longest first (the highest RTT), so the lanes end together
+            queue = sorted(wave, key=lambda c: -(c.rtt_ms or 0.0))
+            threads = [threading.Thread(target=lane_worker, args=(i, queue), daemon=True)
+                       for i in range(min(len(place.edges), len(wave)))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+    except BaseException:
+        stop.set()
+        raise
     finally:
+        pool.close()
+        if mine:
+            os.sched_setaffinity(0, mine)
         bar.close()
+        result["clouds"] = pool.stopped
         _finish(exp, result, out, t0, final=True)
-    if ok:
+    if state["ok"]:
         _pack_logs(logs)
-    return result, ok
+    return result, state["ok"]
 
 
 def derive_rows(result: dict) -> dict:

@@ -152,7 +152,6 @@ class EdgeConfig(_Section):
     api_keys: list[str] = Field(default_factory=list)   # edge API keys ("Authorization: Bearer <key>"); empty: open
     allow_insecure: bool = False             # start_edge.py: serve a non-loopback host without api_keys
     max_body_bytes: int = Field(1 << 20, ge=1024)       # larger request bodies get 413
-    emulated_rtt_ms: float = Field(0.0, ge=0.0)   # experiments: add this delay to every cloud call (half each way)
     max_sessions: int = Field(8, ge=1, le=64)     # generations drafted at once (one draft-model sequence each)
     max_queue: int = Field(32, ge=0)              # more wait in a queue this long; past it: HTTP 429 + Retry-After
     fallback: str = Field("edge_only", pattern="^(edge_only|fail)$")   # cloud unreachable mid-answer

@@ -28,7 +28,13 @@ from common.tokens import common_prefix
 
 
 def llama_threads(n: int) -> int:
-    return n if n > 0 else (os.cpu_count() or 1)
+    """n, or 0: every CPU this process may run on (its affinity: a pinned edge's 2, not the host's 16)."""
+    if n > 0:
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                  # no affinity on this OS
+        return os.cpu_count() or 1
 
 
 class LlamaRunner:

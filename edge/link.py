@@ -21,8 +21,8 @@ The edge starts when its cloud is not up yet: entering the link never raises for
 
 RTT belongs to the link (a property of the path, not of a session): RFC 6298 SRTT/RTTVAR
 (common/rtt.py) over each round's wall time minus the cloud's own time (timing.server_ms), and over
-/health probes while no rounds run. `edge.emulated_rtt_ms` (experiments) sleeps half before each
-send and half after each answer.
+/health probes while no rounds run. Experiments put a network between edge and cloud with the link
+emulator (ablations/linkemu.py), a process on the path, not a sleep in here.
 """
 from __future__ import annotations
 
@@ -254,18 +254,13 @@ class CloudLink:
                                    f"{self.cfg.probe_down_interval_s:g} s)")
         text = req.model_dump_json(exclude_none=True)
         key = (req.session_id, req.seq)
-        half_rtt_s = self.cfg.emulated_rtt_ms / 2e3
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             t0 = time.perf_counter()
             try:
-                if half_rtt_s:
-                    await asyncio.sleep(half_rtt_s)       # uplink
                 status, data = await self._send(key, text)
-                if half_rtt_s:
-                    await asyncio.sleep(half_rtt_s)       # downlink
             except RETRYABLE as e:
                 last = e
                 continue
@@ -385,16 +380,11 @@ class CloudLink:
     async def health(self) -> dict:
         """GET /health. CloudUnavailable when unreachable (or 5xx), CloudError on 401 (a wrong token),
         ValueError when not JSON. An RTT sample too, when no round has given one lately."""
-        half_rtt_s = self.cfg.emulated_rtt_ms / 2e3
         t0 = time.perf_counter()
         try:
-            if half_rtt_s:
-                await asyncio.sleep(half_rtt_s)
             async with self._session.get(self.base_url + "/health",
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.connect_timeout_s)) as r:
                 raw, status = await r.read(), r.status
-            if half_rtt_s:
-                await asyncio.sleep(half_rtt_s)
         except RETRYABLE as e:
             raise CloudUnavailable(f"cloud at {self.base_url} unreachable: {type(e).__name__}: {e}") from e
         wall_ms = (time.perf_counter() - t0) * 1e3

@@ -499,7 +499,6 @@ def test_an_unreachable_target_resets_the_client():
 # --- Tandem: the edge's CloudLink through the emulator --------------------------------------------
 def test_cloudlink_through_the_emulator_measures_the_rtt():
     cfg = load_config(overrides={"edge.retries": 1, "edge.connect_timeout_s": 2.0, "edge.request_timeout_s": 5.0})
-    assert cfg.edge.emulated_rtt_ms == 0           # the delay is the emulator's alone
 
     async def main():
         verifier = Verifier(TableBackend(), cfg.cloud, cfg.switches)

@@ -405,7 +405,9 @@ def test_one_cell_end_to_end(tmp_path):
     assert ds["bench"]["output_lens"] == [8]
     assert ds["cloud_stats"]["rounds"] == ds["edge_stats"]["rounds"] > 0       # every round crossed the link
     assert cell["link_stats"]["profile"] == "rtt=10" and cell["link_stats"]["bytes_up"] > 0
-    assert set(cell["processes"]) == {"cloud", "linkemu", "edge"}
-    assert not any(_alive(p["pid"]) for p in cell["processes"].values())
+    assert set(cell["processes"]) == {"linkemu", "edge"} and cell["cloud"]["reused"] is False
+    [cloud] = result["clouds"]                                   # the cloud: kept by the runner, stopped at the end
+    assert set(cloud["processes"]) == {"cloud"} and cloud["cells"] == 1
+    assert not any(_alive(p["pid"]) for p in [*cell["processes"].values(), *cloud["processes"].values()])
     assert (out / "one_cell.md").exists() and (out / "one_cell.png").exists()
     assert (out / "one_cell-logs.tar.gz").exists()
