@@ -1,4 +1,10 @@
-"""Merge the GPU jobs' job_*.json (ablations/gpu_vllm.py) into results/gpu_vllm.json and .md."""
+"""Merge the GPU jobs' job_*.json (ablations/gpu_vllm.py) into results/gpu_vllm.json and .md.
+
+  python -m ablations.gpu_vllm report ablations/results/gpu_vllm-logs.tar.xz
+
+The job files and device logs of the sessions reported there are kept in one archive,
+results/gpu_vllm-logs.tar.xz (gpu_jobs/, gpu_logs/); the report reads them from it.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +12,33 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCHIVE = RESULTS / "gpu_vllm-logs.tar.xz"     # gpu_jobs/ (job files) and gpu_logs/ (device logs)
+REPORT_COMMAND = "python -m ablations.gpu_vllm report ablations/results/gpu_vllm-logs.tar.xz"
+
+
+def unpack(archive: Path) -> Path:
+    """The archive's gpu_jobs/ and gpu_logs/, in a fresh temporary folder (returned)."""
+    import tarfile
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="gpu_vllm-logs-"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def _sources(dirs: list[Path]) -> list[Path]:
+    """Job-file folders; an archive (.tar.xz) stands for its gpu_jobs/, and its gpu_logs/ become LOGS'
+    root."""
+    global LOGS
+    out = []
+    for d in dirs:
+        if d.name.endswith(".tar.xz"):
+            root = unpack(d)
+            LOGS = root / "gpu_logs" / WS
+            out.append(root / "gpu_jobs")
+        else:
+            out.append(d)
+    return out
 
 
 def _ratio(a, b):
@@ -80,7 +113,7 @@ def _load(dirs: list[Path]) -> dict:
 
 
 def report(dirs: list[Path]) -> int:
-    jobs = _load(dirs)
+    jobs = _load(_sources(dirs))
     plain, edges, big, big_plain = (jobs.get(k, {}) for k in (f"plain_{CUR}", f"edges_{CUR}", BIG, f"big_plain_{CUR}"))
     bi = jobs.get("edges_bi_nopad", {})
     bit, pbit = jobs.get(BI, {}), jobs.get(f"plain_bi_triton_attn_{CUR}", {})
@@ -135,8 +168,10 @@ def report(dirs: list[Path]) -> int:
     res.update({k: latest[k] for k in keys}, headline_from="h200_early (the latest session, H200, code b1bbdd9)",
                oracle_ceiling_pairs_64=latest["oracle_ceiling_pairs_64"], headline_device=latest["device"])
     res = {k: res[k] for k in ("headline_from", "headline_device", *keys, "oracle_ceiling_pairs_64")} | res
-    (RESULTS / "gpu_vllm.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "gpu_vllm.md").write_text(markdown(res))
+    # the figures; the job files themselves stay in the archive (the report reads them from there)
+    (RESULTS / "gpu_vllm.json").write_text(json.dumps({k: v for k, v in res.items() if k != "jobs"} | {
+        "jobs": f"the job files: gpu_jobs/ in {ARCHIVE.name}", "report_command": REPORT_COMMAND}, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "jobs"}, indent=1))
     return 0
 
@@ -447,7 +482,7 @@ python -m ablations.gpu_vllm run --jobs plain,edges --batch-invariant --attentio
 
 # --- the third H200 session: the WebSocket channel, the engine on its own CPUs, draft-ahead -----------
 WS = "7b1"                 # job-file tag of that session (code 51da04e..8d6a533)
-LOGS = RESULTS / "gpu_logs" / WS
+LOGS = RESULTS / "gpu_logs" / WS          # where the logs are unpacked (_sources sets it from the archive)
 # replay settings: (label, group, job file or None, logs whose "replay N S: ... ratio R" lines hold pairs
 # whose job file did not come back from the device: a comma in its name)
 WS_REPLAYS = [("POST /v1/verify (as before)", "http", f"replay_s64_http_{WS}", []),
@@ -675,16 +710,16 @@ def markdown(r: dict) -> str:
     runs14 = r["capacity_ratio_14b_runs"]
     return f"""# vLLM cloud on a GPU: in-engine design vs vLLM alone (issue 3)
 
-Produced by `python -m ablations.gpu_report ablations/results/gpu_jobs` from the job files that
+Produced by `{REPORT_COMMAND}` from the job files that
 `python -m ablations.gpu_vllm run --jobs ...` wrote on the device (job files and logs suffixed with the
-code's commit). The three H200 sessions come first (latest first); the sections after them are the
+code's commit; the `gpu_jobs/` and `gpu_logs/` named below are inside `gpu_vllm-logs.tar.xz`). The three H200 sessions come first (latest first); the sections after them are the
 earlier sessions' H100 runs. The JSON's headline keys (`oracle_ceiling_ratio`, `capacity_ratio_14b`, ...)
 carry the latest session's values; the H100 session's own are under `h100_session`.
 
 {h200_early_markdown(r['h200_early'])}
 {h200_ws_markdown(r['h200_ws'])}
 {h200_markdown(j, r['h200'])}
-Produced by `python -m ablations.gpu_report ablations/results/gpu_jobs` from the job files that
+Produced by `{REPORT_COMMAND}` from the job files that
 `python -m ablations.gpu_vllm run --jobs ...` wrote on the device (commands at the end; the device logs
 of this session's runs are in `gpu_logs/`, suffixed with the code's commit). Device: {r['device']},
 vLLM {r['versions']['vllm']}, torch {r['versions']['torch']}. Engines run with CUDA graphs and no
