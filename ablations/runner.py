@@ -318,18 +318,22 @@ def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) ->
 
 RAW = ("itls",)                                      # per request: every inter-chunk gap
 RAW_PER_REQUEST = ("chunk_times", "chunk_tokens")     # per request: every chunk's time and tokens
+RAW_TANDEM = ("per_dataset", "per_rtt_class")         # one dataset and one link per benchmark: copies of its totals
 
 
 def slim_bench(bench: dict) -> dict:
     """A benchmark's output as the result JSON keeps it: without the raw per-chunk lists (RAW,
-    RAW_PER_REQUEST), which the logs archive keeps whole (<cell>/bench_<dataset>.json). Every figure
+    RAW_PER_REQUEST) and the copies (RAW_TANDEM), which the logs archive keeps whole
+    (<cell>/bench_<dataset>.json). Every figure
     a report shows, and derive_rows' inputs (per request: the figures, TTFT, E2EL, output length,
     text), stays."""
     out = {k: v for k, v in bench.items() if k not in RAW}
     tandem = out.get("tandem")
-    if isinstance(tandem, dict) and tandem.get("requests"):
-        out["tandem"] = {**tandem, "requests": [{k: v for k, v in r.items() if k not in RAW_PER_REQUEST}
-                                                for r in tandem["requests"]]}
+    if isinstance(tandem, dict):
+        out["tandem"] = {k: v for k, v in tandem.items() if k not in RAW_TANDEM}
+        if tandem.get("requests"):
+            out["tandem"]["requests"] = [{k: v for k, v in r.items() if k not in RAW_PER_REQUEST}
+                                         for r in tandem["requests"]]
     return out
 
 

@@ -42,13 +42,17 @@ class ModelsConfig(_Section):
 
 class DraftConfig(_Section):
     min_k: int = Field(1, ge=1, le=32)
-    max_k: int = Field(4, ge=1, le=32)
+    max_k: int = Field(12, ge=1, le=32)      # with switches.adaptive_draft the ceiling of the chosen k, else k itself
     top_n: int = Field(32, ge=1, le=1024)    # support of the sampled draft distribution q (sent to the cloud)
     n_ctx: int = Field(4096, ge=256)
     n_threads: int = Field(0, ge=0)          # 0: all cores
+    ngram_max_n: int = Field(3, ge=1, le=16)  # switches.ngram_draft: longest suffix looked up in the context
+    ngram_min_n: int = Field(1, ge=1, le=16)  # ... and the shortest that still counts as a match
 
     @model_validator(mode="after")
     def _bounds(self):
+        if self.ngram_min_n > self.ngram_max_n:
+            raise ValueError(f"ngram_min_n ({self.ngram_min_n}) > ngram_max_n ({self.ngram_max_n})")
         if self.min_k > self.max_k:
             raise ValueError(f"min_k ({self.min_k}) > max_k ({self.max_k})")
         return self
@@ -165,6 +169,12 @@ class Switches(_Section):
     kv_cache: bool = True            # edge/generator.py Generator.__init__: edge KV reuse + cloud prefix reuse
     health_priority: bool = True     # cloud/verifier.py Verifier.__init__: off = FIFO admission
     batched_drafting: bool = True    # edge/drafter.py Drafter.__init__: off = one session's draft at a time
+    adaptive_draft: bool = True      # edge/generator.py Generator.__init__: k per round from RTT, costs and acceptance
+                                     # (edge/draft_length.py); off = always draft.max_k
+    draft_ahead: bool = True         # edge/generator.py Generator.__init__: draft round r+1 while r is in flight, send it
+    ngram_draft: bool = True         # edge/generator.py Generator.__init__: prompt-lookup drafts first (edge/ngram.py)
+    parallel_prefill: bool = True    # edge/generator.py Generator.__init__: round 0 goes with no draft at once (both
+                                     # sides prefill together), the edge drafts meanwhile
     network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
                                      # (edge/network_context.py)
 

@@ -21,6 +21,9 @@ Bad input is refused before any model work and before a session is created or ch
 (malformed JSON), 415 (not application/json UTF-8), 422 (fields, token ids outside the vocabulary,
 also inside draft_dists), 413 (context over the window, draft over max_draft, body too large).
 
+An empty draft asks only for the target's next token: the edge sends round 0 with the prompt and no
+draft at once, so the cloud prefills while the edge does (switches.parallel_prefill).
+
 Draft-ahead: while round seq-1 is on the wire the edge may already send round seq, drafted after
 that round's whole draft and `guess`, its guess of the cloud's next token (base_len counts them, append
 is empty). It is verified only if round seq-1 accepts its whole draft and its next token is `guess`;
@@ -80,7 +83,8 @@ class VerifyRequest(_Message):
     seq: int = Field(ge=0, le=2**63 - 1)
     base_len: int = Field(ge=0, le=2**31 - 1)  # committed tokens the edge believes the cloud holds
     append: list[TokenId] = Field(default_factory=list)   # committed tokens the cloud lacks
-    draft: list[TokenId] = Field(min_length=1)            # upper bound checked against cloud.max_draft
+    draft: list[TokenId] = Field(default_factory=list)    # upper bound checked against cloud.max_draft; empty:
+                                               # only the target's next token (round 0 sent before the edge drafts)
     draft_dists: Optional[list[DraftDist]] = None          # required iff sampling (temperature > 0)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)

@@ -29,6 +29,10 @@ from common.tokens import common_prefix
 from edge.confidence import Confidence, softmax
 
 
+STEP_TOKENS = 16     # steps in which no sequence feeds more than this count toward step_ms (a round's catch-up does)
+STEP_EWMA = 0.1      # weight of the newest step in step_ms
+
+
 @dataclass
 class Draft:
     tokens: list[int]
@@ -79,6 +83,7 @@ class Drafter:
         self.steps = 0                              # llama_decode batches run
         self.batched_tokens = 0                     # tokens they carried
         self.widest = 0                             # most sessions one step has advanced together
+        self.step_ms: Optional[float] = None        # EWMA of a drafting step's wall time (edge/draft_length.py's t_draft)
         self._jobs: list[_Job] = []                 # due, not yet taken by the worker
         self._released: list[int] = []              # sequences to clear before anything else runs
         self._wake = threading.Condition()
@@ -150,6 +155,7 @@ class Drafter:
 
     def _step(self, active: list[_Job]) -> list[_Job]:
         """One llama_decode for every active job; returns the jobs still drafting."""
+        t0 = time.perf_counter()
         work = []
         for job in active:
             if job.synced:                 # drafting: feed its last drafted token
@@ -164,7 +170,11 @@ class Drafter:
         self.steps += 1
         self.batched_tokens += sum(len(t) for _, t, _ in work)
         self.widest = max(self.widest, len(work))
-        return [job for job, row in zip(active, rows) if not self._advance(job, row[-1])]
+        still = [job for job, row in zip(active, rows) if not self._advance(job, row[-1])]
+        if max(len(toks) for _, toks, _ in work) <= STEP_TOKENS:    # a drafting step, not a prompt's prefill
+            ms = (time.perf_counter() - t0) * 1e3
+            self.step_ms = ms if self.step_ms is None else (1 - STEP_EWMA) * self.step_ms + STEP_EWMA * ms
+        return still
 
     def _advance(self, job: _Job, row: np.ndarray) -> bool:
         """Take one row of logits; True when the job is finished (and answered)."""

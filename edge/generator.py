@@ -21,10 +21,39 @@ import numpy as np
 from common.config import TandemConfig
 from common.errors import CloudError, CloudUnavailable
 from common.protocol import GenerateRequest, SamplingParams, VerifyRequest
-from edge.drafter import Drafter
+from edge.draft_length import Acceptance, VerifyCost, best_draft_length
+from edge.drafter import Draft, Drafter
+from edge.ngram import lookup, one_hot
 from edge.sessions import EdgeBusy  # noqa: F401  (re-exported: the HTTP layer answers it with 429)
 
 DRAFT, TARGET, EDGE = "draft", "target", "edge"
+FIRST_K = 4        # switches.adaptive_draft: the draft length until the drafter has timed a step
+
+
+class _Flight(NamedTuple):
+    """A round: the context it was drafted after, its draft, the guessed token before it (draft-ahead)
+    and its verify call (None: a draft held, not sent)."""
+    base: list[int]
+    draft: Draft
+    guess: Optional[int]
+    task: Optional[asyncio.Task]
+    fresh: bool                # it starts (or re-syncs) the cloud's session: its verify time includes a prefill
+
+
+def _refutes(fly: _Flight) -> bool:
+    """Whether a round's answer (landed) rules out the round drafted after its whole draft."""
+    if fly.task.cancelled() or fly.task.exception() is not None:
+        return True
+    resp, _ = fly.task.result()
+    return resp.accepted < len(fly.draft.tokens)
+
+
+async def _settled(task: asyncio.Task) -> None:
+    """Wait for a dropped round's answer (a 412, or any error): only that it has landed matters."""
+    try:
+        await task
+    except Exception:  # noqa: BLE001 - stale or failed: nothing of it is used
+        pass
 
 
 class Mode(str, Enum):
@@ -66,6 +95,8 @@ class GenStats:
     compute_ms: float = 0.0       # cloud model time
     round_wall_ms: float = 0.0    # verify round trips as seen by the edge
     rtt_ms: Optional[float] = None
+    ahead_kept: int = 0           # rounds sent ahead (switches.draft_ahead) that the cloud verified
+    ahead_dropped: int = 0        # ... and that it refused (412: the round before ended otherwise)
     error: Optional[str] = None
     trace: list = field(default_factory=list)   # per round: (output position, draft, accepted, draft ms)
 
@@ -93,6 +124,7 @@ class GenStats:
             # serialisation + HTTP + scheduling: what a round costs beyond the two models
             "overhead_ms_per_round": round((self.round_wall_ms - self.compute_ms) / r, 3) if self.rounds else None,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 2),
+            "ahead_kept": self.ahead_kept, "ahead_dropped": self.ahead_dropped,
             "error": self.error,
         }
 
@@ -104,6 +136,11 @@ class Generator:
         self.cfg = cfg
         self.reuse_kv = cfg.switches.kv_cache         # the one read of this switch (edge and cloud)
         self.fallback = cfg.edge.fallback == "edge_only"
+        self.adaptive = cfg.switches.adaptive_draft     # the one read of each of these four switches
+        self.draft_ahead = cfg.switches.draft_ahead
+        self.ngram = cfg.switches.ngram_draft
+        self.parallel_prefill = cfg.switches.parallel_prefill
+        self.verify_cost = VerifyCost()                 # the link's verify ms against draft length (all sessions)
         self.stop_tokens = stop_tokens
 
     async def stream(self, seq: int, prompt: list[int], max_tokens: int, sampling: SamplingParams,
@@ -135,44 +172,100 @@ class Generator:
             stats.rtt_ms = self.link.rtt_ms if self.link else None
 
     async def _speculate(self, seq, context, max_tokens, sampling, stats):
-        sid, rng = uuid.uuid4().hex, np.random.default_rng(sampling.seed)
-        cloud_len, n, n_prompt = 0, 0, len(context)      # tokens the cloud holds for this session; round number
+        """Edge-cloud rounds. One round is in flight at a time, plus (switches.draft_ahead) the next one,
+        drafted while it flies as if it accepts everything and then the target says `guess`.
+
+        Exactness of sampled drafts with draft-ahead: every draft (fresh or ahead) draws its tokens from
+        a random stream of its own (a child of the session's SeedSequence), so a draft that is dropped
+        (412, or held and found stale) takes its randomness with it and no later draft reuses or skips
+        depending on it. A kept draft was drawn from q(. | the context it was drafted after) with
+        randomness independent of everything the cloud did, and it is kept only when the committed
+        context equals that context; so, given the committed context, its tokens are distributed as q,
+        the q sent with them, and the cloud's exact acceptance (cloud/acceptance.py) makes the committed
+        tokens the target's law. Which round is kept depends only on committed outcomes, never on the
+        dropped draft's values beyond its guess, and the guess only picks the context a draft is for.
+        Prompt-lookup tokens are one-hot proposals (edge/ngram.py), exact the same way."""
+        sid, seeds = uuid.uuid4().hex, np.random.SeedSequence(sampling.seed)
+        rng = np.random.default_rng(seeds.spawn(1)[0])          # edge-only tokens while the cloud is away
+        acceptance = Acceptance()
+        cloud_len, n, n_prompt = 0, 0, len(context)             # tokens the cloud holds; next round's seq
+        fly: Optional[_Flight] = None                            # the round in flight
+        ahead: Optional[_Flight] = None                          # the round after it: sent ahead, or held
+        stale: list[asyncio.Task] = []                           # dropped ahead rounds whose answer (412) is due
+        ahead_job: Optional[asyncio.Task] = None                 # drafting the round after the one in flight
+        done = lambda: len(context) - n_prompt >= max_tokens     # noqa: E731
         try:
-            while len(context) - n_prompt < max_tokens:
-                # 1. Draft up to max_k tokens on the edge (stops early when confidence is low).
-                k = max(1, min(self.cfg.draft.max_k, max_tokens - (len(context) - n_prompt) - 1))
-                d = await self.drafter.draft(seq, context, k, sampling, rng, self.reuse_kv)
-                # 2. The cloud verifies all k in one target pass: accepted prefix + the target's token.
-                req = VerifyRequest(session_id=sid, seq=n, base_len=cloud_len, append=context[cloud_len:],
-                                    draft=d.tokens, draft_dists=d.dists, sampling=sampling,
-                                    reuse_cache=self.reuse_kv, rtt_ms=self.link.rtt_ms,
-                                    prompt_len=n_prompt if cloud_len == 0 else None)
+            while not done():
+                if fly is None:
+                    # 1. A fresh round: round 0 with no draft at once (parallel prefill), else the draft held
+                    # from while the last round flew if it is for this context, else a draft made now.
+                    room = max_tokens - (len(context) - n_prompt) - 1
+                    if ahead is not None and ahead.base == context and (ahead.draft.tokens or room < 1):
+                        d = ahead.draft
+                    elif cloud_len == 0 and n == 0 and self.parallel_prefill:
+                        d = Draft([], [] if not sampling.greedy else None, [], 0.0)
+                    else:
+                        d = await self._draft(seq, context, max(1, room), 0, sampling, seeds, acceptance)
+                    ahead = None
+                    for task in stale:                            # its seq is ours now: let its 412 land first
+                        await _settled(task)
+                    stale = []
+                    req = VerifyRequest(session_id=sid, seq=n, base_len=cloud_len, append=context[cloud_len:],
+                                        draft=d.tokens, draft_dists=d.dists, sampling=sampling,
+                                        reuse_cache=self.reuse_kv, rtt_ms=self.link.rtt_ms,
+                                        prompt_len=n_prompt if cloud_len == 0 else None)
+                    fly = _Flight(list(context), d, None, asyncio.create_task(self.link.verify(req)), cloud_len == 0)
+                # 2. While it flies: draft the round after it (draft-ahead; round 0's first draft with a
+                # parallel prefill), as if it accepts its whole draft and the target then says `guess`.
+                if ahead is None and (self.draft_ahead or not fly.draft.tokens and self.parallel_prefill):
+                    ahead_job = asyncio.create_task(self._ahead(
+                        seq, fly, sid, n, max_tokens - (len(context) - n_prompt), sampling, seeds, acceptance))
+                    await asyncio.wait((fly.task, ahead_job), return_when=asyncio.FIRST_COMPLETED)
+                    if not ahead_job.done() and _refutes(fly):      # the answer came first and rules it out
+                        ahead_job.cancel()
+                    await asyncio.wait((ahead_job,))
+                    ahead = None if ahead_job.cancelled() else ahead_job.result()
+                    ahead_job = None
+                # 3. The answer.
                 try:
-                    r, wall_ms = await self.link.verify(req)
+                    r, wall_ms = await fly.task
                 except CloudError as e:
+                    d, fly = fly.draft, None
+                    stale += [a.task for a in (ahead,) if a is not None and a.task is not None]
+                    ahead = None
+                    if e.status == 412:            # a round sent ahead that did not hold: draft afresh
+                        continue
                     if e.status != 409 or cloud_len == 0:
                         raise
                     cloud_len = 0                  # cloud lost the session (restart/eviction): resend all
                     continue
                 except CloudUnavailable:
+                    fly = None
+                    for task in stale + [a.task for a in (ahead,) if a is not None and a.task is not None]:
+                        await _settled(task)
+                    stale, ahead = [], None
                     if not self.fallback:
                         raise
-                    # 2'. The cloud is away: go on with the draft model alone until it is back, then
+                    # 3'. The cloud is away: go on with the draft model alone until it is back, then
                     # re-sync the whole context (a new cloud session) and verify again.
                     stats.fallbacks += 1
                     async for tok in self._until_cloud_back(seq, context, n_prompt + max_tokens, sampling, rng):
                         context.append(tok)
                         yield [tok], [EDGE]
-                    if len(context) - n_prompt >= max_tokens:
+                    if done():
                         return
                     stats.resumed += 1
                     sid, cloud_len, n = uuid.uuid4().hex, 0, 0
                     continue
-                # 3. Commit; the drafter's KV is rolled back to this context at the next draft.
+                # 4. Commit; the drafter's KV is rolled back to this context at the next draft.
+                d = fly.draft
                 new = d.tokens[:r.accepted] + [r.next_token]
                 stats.trace.append((len(context) - n_prompt, d.tokens, r.accepted, round(d.ms, 2)))
                 context += new
                 cloud_len, n = r.committed_len, n + 1
+                acceptance.observe(len(d.tokens), r.accepted)
+                if not fly.fresh:                  # a round that brought the prompt timed its prefill too
+                    self.verify_cost.observe(len(d.tokens), r.timing.compute_ms)
                 stats.rounds += 1
                 stats.drafted += len(d.tokens)
                 stats.accepted += r.accepted
@@ -180,10 +273,73 @@ class Generator:
                 stats.draft_ms += d.ms
                 stats.compute_ms += r.timing.compute_ms
                 stats.round_wall_ms += wall_ms
+                fly = None
+                if ahead is not None and ahead.base != context:        # it did not hold: drop it
+                    if ahead.task is not None:
+                        stale.append(ahead.task)
+                        stats.ahead_dropped += 1
+                    ahead = None
+                elif ahead is not None and ahead.task is not None:     # it held: it is the round in flight
+                    fly, ahead = ahead, None
+                    stats.ahead_kept += 1
                 yield new, [DRAFT] * r.accepted + [TARGET]
         finally:
-            if cloud_len and self.link.up:
+            for task in [f.task for f in (fly, ahead) if f is not None and f.task is not None] + [ahead_job]:
+                if task is not None and not task.done():
+                    task.cancel()
+            for task in stale:
+                task.cancel()
+            if (cloud_len or n or fly is not None) and self.link.up:
                 asyncio.get_running_loop().create_task(self.link.drop(sid))   # best effort, off the answer's path
+
+    def _k(self, acceptance: Acceptance, room: int, free: int) -> int:
+        """This round's draft length: fixed draft.max_k, or (switches.adaptive_draft) the k that
+        maximises expected committed tokens per second (edge/draft_length.py); at most `room`."""
+        dc = self.cfg.draft
+        if self.adaptive and self.drafter.step_ms is not None:
+            k = best_draft_length(acceptance.alpha, self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost,
+                                  dc.min_k, dc.max_k, free)
+        else:
+            k = dc.max_k if not self.adaptive else min(dc.max_k, max(dc.min_k, FIRST_K))   # no step timed yet
+        return min(k, room)
+
+    async def _draft(self, seq, context, room, extra, sampling, seeds, acceptance) -> Draft:
+        """`extra` + k tokens after `context` (k from _k, at most `room`): prompt-lookup tokens first
+        (switches.ngram_draft; free), then the draft model's, which stop early when it is unsure.
+        Each call draws its randomness from a stream of its own (see _speculate)."""
+        dc = self.cfg.draft
+        found = lookup(context, min(dc.max_k, room) + extra, dc.ngram_max_n, dc.ngram_min_n) if self.ngram else []
+        want = extra + self._k(acceptance, room, max(0, len(found) - extra))
+        found = found[:want]
+        if len(found) >= want:
+            return Draft(found, one_hot(found) if not sampling.greedy else None, [1.0] * len(found), 0.0)
+        rng = np.random.default_rng(seeds.spawn(1)[0])
+        d = await self.drafter.draft(seq, context + found, want - len(found), sampling, rng, self.reuse_kv)
+        if not found:
+            return d
+        return Draft(found + d.tokens, None if sampling.greedy else one_hot(found) + d.dists,
+                     [1.0] * len(found) + d.confidences, d.ms)
+
+    async def _ahead(self, seq, fly: "_Flight", sid, n, left, sampling, seeds, acceptance) -> Optional["_Flight"]:
+        """The round after `fly`, drafted while it flies, after fly's context + its whole draft + `guess`
+        (the first token drafted here: the drafter's own guess of the target's next token). Sent at once
+        as a draft-ahead round (switches.draft_ahead) if `fly` is still in flight; else held. None when
+        there is no round after it (the answer ends within it)."""
+        base = fly.base + fly.draft.tokens
+        room = left - len(fly.draft.tokens) - 2          # tokens the round after may draft besides the guess
+        if room < 0 or any(t in self.stop_tokens for t in fly.draft.tokens):
+            return None
+        d = await self._draft(seq, base, room, 1, sampling, seeds, acceptance)
+        if not d.tokens:
+            return None
+        guess, draft = d.tokens[0], Draft(d.tokens[1:], None if d.dists is None else d.dists[1:], d.confidences[1:], d.ms)
+        task = None
+        if self.draft_ahead and not fly.task.done() and guess not in self.stop_tokens:
+            req = VerifyRequest(session_id=sid, seq=n + 1, base_len=len(base) + 1, draft=draft.tokens,
+                                draft_dists=draft.dists, sampling=sampling, reuse_cache=self.reuse_kv,
+                                rtt_ms=self.link.rtt_ms, guess=guess)
+            task = asyncio.create_task(self.link.verify(req))
+        return _Flight(base + [guess], draft, guess, task, False)
 
     async def _until_cloud_back(self, seq, context, limit, sampling, rng):
         """Edge-only tokens while the link is down (a stop token ends the answer in stream())."""

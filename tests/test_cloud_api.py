@@ -52,7 +52,7 @@ def test_verify_accepts_and_corrects(table_backend):
     (None, b"{not json", 400, None),                                       # malformed JSON
     (None, b"[1, 2]", 400, None),                                          # not an object
     (first_round(seq="0"), None, 422, "seq"),                              # wrong type
-    (first_round(draft=[]), None, 422, "draft"),                           # empty draft
+    (first_round(draft=["4"]), None, 422, "draft.0"),                      # a string for a token id
     (first_round(draft=list(range(17))), None, 413, "draft"),              # over-long draft (max_draft 16)
     (first_round(draft=[4, 32]), None, 422, "draft"),                      # out of vocabulary (32 tokens)
     (first_round(append=[99]), None, 422, "append"),                       # out of vocabulary

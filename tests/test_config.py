@@ -5,7 +5,7 @@ from common.config import ConfidenceStrategy, ConfigError, load_config, parse_ov
 
 def test_default_loads():
     cfg = load_config()
-    assert cfg.draft.max_k == 4 and cfg.confidence.strategy is ConfidenceStrategy.MAX_PROB
+    assert cfg.draft.max_k == 12 and cfg.confidence.strategy is ConfidenceStrategy.MAX_PROB
     assert cfg.switches.kv_cache and cfg.switches.draft_verify and not cfg.switches.cloud_only
 
 
@@ -18,7 +18,7 @@ def test_unknown_key_named(tmp_path):
 
 @pytest.mark.parametrize("key, value, match", [
     ("draft.max_k", 0, r"draft\.max_k"),
-    ("draft.min_k", 9, r"min_k \(9\) > max_k"),
+    ("draft.min_k", 13, r"min_k \(13\) > max_k"),
     ("confidence.strategy", "vibes", r"confidence\.strategy"),
     ("confidence.threshold", 1.5, r"confidence\.threshold"),
     ("cloud.backend", "tpu", r"cloud\.backend"),

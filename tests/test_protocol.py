@@ -18,7 +18,7 @@ def test_round_trip():
 
 @pytest.mark.parametrize("bad, field", [
     ({"seq": "1"}, "seq"),                         # wrong type (strict: no coercion)
-    ({"draft": []}, "draft"),                      # empty draft
+    ({"draft": ["2"]}, "draft.0"),                 # a string for a token id (an empty draft is fine: round 0)
     ({"draft": [-1]}, "draft.0"),                  # negative id
     ({"surprise": 1}, "surprise"),                 # unknown field
     ({"base_len": 0, "append": []}, None),         # first round without a prompt

@@ -1,0 +1,96 @@
+"""How many tokens to draft this round (switches.adaptive_draft): the k that maximises the expected
+committed tokens per second of one round.
+
+One round drafts k tokens (k steps of the shared drafter, t_draft each; the tokens a prompt lookup
+supplies cost nothing), crosses the link (RTT) and is verified (t_verify(k), the cloud's compute):
+
+    rate(k) = E[tau(k)] / (max(0, k - free) * t_draft + RTT + t_verify(k))
+
+With each draft token accepted with probability alpha given the ones before it were (a geometric
+model, as Leviathan et al. 2023), the round commits the accepted prefix plus the target's own token:
+
+    E[tau(k)] = sum_{i=0..k} alpha^i = (1 - alpha^(k+1)) / (1 - alpha)
+
+A far link (RTT large beside k * t_draft) pays for a round mostly in RTT, so the best k grows; a low
+alpha makes the extra tokens worth little, so it shrinks. The confidence gate may still stop a draft
+before k.
+
+The inputs are estimated online:
+  alpha     per session: a Beta posterior over the per-token acceptance with forgetting. A round that
+            drafted n tokens and had a accepted is a + (a < n) Bernoulli trials with a successes (the
+            tokens after the first rejection were never tried). Prior: ALPHA0 worth PRIOR_TRIALS trials.
+            Evidence fades per trial (FORGET_TRIAL), so a round of many tokens does not outweigh the
+            later rounds that ended at their first token.
+  t_draft   per edge (edge/drafter.py Drafter.step_ms): one llama_decode step of the shared drafter. A
+            step advances every drafting session at once, so a session's draft of k tokens waits about
+            k steps whatever the others do: the step, not the step / sessions, is its cost per token.
+  t_verify  per link: a line c0 + c1 * (k + 1) fitted to the cloud's reported compute ms against the
+            positions it verified (weighted least squares with forgetting): flat on a GPU, rising on a
+            CPU cloud. Until k has varied the line is flat at the mean.
+  RTT       the link's RFC 6298 SRTT (edge/link.py).
+"""
+from __future__ import annotations
+
+ALPHA0, PRIOR_TRIALS = 0.7, 4.0   # before a session's first round: acceptance 0.7, worth 4 tokens' evidence
+FORGET_TRIAL = 0.95                # alpha: a token 20 tries back weighs 0.95^20 = 0.36
+FORGET = 0.9                      # verify cost: per round, the round 10 rounds back weighs 0.9^10 = 0.35
+ALPHA_MAX = 0.98                  # keep 1 - alpha away from 0 (alpha = 1 would make every k as good as max_k)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E[tau(k)] = (1 - alpha^(k+1)) / (1 - alpha): accepted drafts + the target's own token."""
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms, min_k: int, max_k: int,
+                      free: int = 0) -> int:
+    """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k)).
+    verify_ms: k -> the cloud's compute ms for a k-token draft. `free`: draft tokens that cost no
+    drafting (a prompt lookup's). Ties go to the shorter draft."""
+    alpha = min(max(alpha, 0.0), ALPHA_MAX)
+    best_k, best_rate = min_k, -1.0
+    for k in range(min_k, max_k + 1):
+        cost = max(0, k - free) * t_draft_ms + rtt_ms + verify_ms(k)
+        rate = expected_tokens(alpha, k) / max(cost, 1e-3)
+        if rate > best_rate * (1 + 1e-9):
+            best_k, best_rate = k, rate
+    return best_k
+
+
+class Acceptance:
+    """One session's alpha: Beta(successes + prior, failures + prior), older rounds forgotten."""
+
+    def __init__(self) -> None:
+        self.hits, self.trials = ALPHA0 * PRIOR_TRIALS, PRIOR_TRIALS
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.trials
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        trials = accepted + (accepted < drafted)
+        fade = FORGET_TRIAL ** trials
+        self.hits = fade * self.hits + accepted
+        self.trials = fade * self.trials + trials
+
+
+class VerifyCost:
+    """The cloud's compute ms for a k-token draft: c0 + c1 (k + 1), fitted by least squares with forgetting."""
+
+    def __init__(self) -> None:
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def observe(self, drafted: int, compute_ms: float) -> None:
+        x = drafted + 1.0
+        self.w, self.sx, self.sy = FORGET * self.w + 1, FORGET * self.sx + x, FORGET * self.sy + compute_ms
+        self.sxx, self.sxy = FORGET * self.sxx + x * x, FORGET * self.sxy + x * compute_ms
+
+    def __call__(self, k: int) -> float:
+        if self.w == 0:
+            return 0.0
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        slope = max((self.sxy / self.w - mx * my) / var, 0.0) if var > 0.25 else 0.0   # k varied by < 1: flat
+        return max(my + slope * (k + 1 - mx), 0.0)

@@ -1,0 +1,215 @@
+"""Drafting that adapts to the link (issue 15, item 3): the draft-length choice, prompt lookup, one-hot
+proposals, and the generator's draft-ahead / parallel-prefill rounds against a real cloud over loopback
+HTTP. The target here is the fake table (argmax = last + 1) and the drafter a rule with known mistakes:
+protocol tests only; losslessness with real models is in tests/test_lossless.py."""
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from cloud.acceptance import accept_draft, target_probs
+from cloud.server import start_cloud
+from cloud.verifier import Verifier
+from common.config import load_config
+from common.protocol import DraftDist, SamplingParams
+from conftest import TableBackend
+from edge.draft_length import Acceptance, VerifyCost, best_draft_length, expected_tokens
+from edge.drafter import Draft
+from edge.generator import GenStats, Generator
+from edge.link import CloudLink
+from edge.ngram import lookup, one_hot
+
+V = 32                                   # the table's vocabulary
+
+
+# --- the draft length -------------------------------------------------------------------------------
+def flat(ms):
+    return lambda k: ms
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    for alpha in (0.0, 0.3, 0.9):
+        for k in (0, 1, 5):
+            assert expected_tokens(alpha, k) == pytest.approx(sum(alpha ** i for i in range(k + 1)))
+
+
+def test_longer_drafts_on_far_links_shorter_at_low_acceptance():
+    k_at = {rtt: best_draft_length(0.8, 30.0, rtt, flat(50.0), 1, 12) for rtt in (5, 20, 50, 100, 200, 500)}
+    assert list(k_at.values()) == sorted(k_at.values()) and k_at[500] > k_at[5]
+    k_alpha = [best_draft_length(a, 30.0, 200.0, flat(50.0), 1, 12) for a in (0.95, 0.8, 0.6, 0.3)]
+    assert k_alpha == sorted(k_alpha, reverse=True) and k_alpha[0] > k_alpha[-1]
+    # the choice really is the argmax of the formula
+    rate = lambda k: expected_tokens(0.8, k) / (k * 30.0 + 200.0 + 50.0)      # noqa: E731
+    assert k_at[200] == max(range(1, 13), key=rate)
+
+
+def test_bounds_are_respected_and_free_tokens_lengthen_the_draft():
+    assert best_draft_length(0.99, 1.0, 1000.0, flat(0.0), 2, 7) == 7
+    assert best_draft_length(0.0, 100.0, 1.0, flat(0.0), 3, 9) == 3
+    assert best_draft_length(1.0, 10.0, 100.0, flat(0.0), 1, 12) == 12        # alpha clamped: no division by 0
+    assert best_draft_length(0.7, 60.0, 50.0, flat(40.0), 1, 12, free=8) > best_draft_length(0.7, 60.0, 50.0, flat(40.0), 1, 12)
+
+
+def test_acceptance_and_verify_cost_estimates():
+    a = Acceptance()
+    for _ in range(30):
+        a.observe(4, 4)
+    assert a.alpha > 0.95
+    for _ in range(30):
+        a.observe(4, 0)                   # one trial each: the tokens after a rejection were never tried
+    assert a.alpha < 0.3                  # 30 failures against 20 tokens of memory (0.95 per trial)
+    v = VerifyCost()
+    assert v(5) == 0.0
+    for k in (2, 2, 2):
+        v.observe(k, 30.0)
+    assert v(10) == pytest.approx(30.0)   # k never varied: flat
+    for k in (1, 4, 8, 12, 3):
+        v.observe(k, 20.0 + 10.0 * (k + 1))
+    assert v(12) > v(1) and v(6) == pytest.approx(90.0, rel=0.2)
+
+
+# --- prompt lookup --------------------------------------------------------------------------------
+def test_lookup_prefers_the_longest_suffix_then_the_latest_occurrence():
+    assert lookup([1, 2, 3, 9, 1, 2, 3], 4) == [9, 1, 2, 3]            # 3-gram "1 2 3" at 0: what followed
+    assert lookup([5, 2, 3, 7, 1, 2, 3, 8, 0, 2, 3], 2) == [8, 0]      # 2-gram "2 3", latest earlier occurrence
+    assert lookup([4, 6, 7, 4, 8, 3, 9, 3], 3) == [9, 3]               # 1-gram "3": the tokens after it, up to the end
+    assert lookup([1, 2, 3, 4], 3) == []                               # nothing repeats
+    assert lookup([1, 2, 1, 2], 3, max_n=3, min_n=2) == [1, 2]
+    assert lookup([3, 1, 2, 1], 3, max_n=3, min_n=2) == []             # only a 1-gram matches
+    assert lookup([7], 3) == [] and lookup([7, 7], 0) == []
+
+
+def test_one_hot_proposal_keeps_the_target_law():
+    """A lookup token x goes with q = one-hot(x): accept with p(x), else draw from p without x."""
+    rng = np.random.default_rng(5)
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.2] * 5]))
+    sampling = SamplingParams(temperature=1.0)
+    p = target_probs(logits, sampling)[0]
+    n = 10_000
+    for x in (0, 3):
+        counts = np.zeros(5)
+        for _ in range(n):
+            acc, tok = accept_draft([x], logits, sampling, one_hot([x]), rng)
+            counts[x if acc else tok] += 1
+        assert chisquare(counts, p * n).pvalue > 1e-4
+        assert chisquare(counts, np.roll(p, 1) * n).pvalue < 1e-4      # power: a wrong law is rejected
+
+
+# --- the generator against a cloud ------------------------------------------------------------------
+class RuleDrafter:
+    """A fake drafter: proposes last + 1 (the table's argmax), except after a multiple of 7 (last + 2);
+    sampled: q = 0.6 on last + 1, 0.4 on last + 2. Each step 'takes' step_ms."""
+    step_ms = 2.0
+
+    def __init__(self):
+        self.calls = 0
+
+    async def draft(self, seq, context, k, sampling, rng, reuse_kv=True):
+        self.calls += 1
+        await asyncio.sleep(self.step_ms * k / 1e3)
+        toks, dists, last = [], [], context[-1]
+        for _ in range(k):
+            ids = [(last + 1) % V, (last + 2) % V]
+            if sampling.greedy:
+                tok = ids[1] if last % 7 == 0 else ids[0]
+            else:
+                dists.append(DraftDist.model_construct(ids=ids, probs=[0.6, 0.4]))
+                tok = ids[0] if rng.random() < 0.6 else ids[1]
+            toks.append(tok)
+            last = tok
+        return Draft(toks, None if sampling.greedy else dists, [1.0] * k, self.step_ms * k)
+
+    async def next_token(self, seq, context, sampling, rng, reuse_kv=True):
+        return (context[-1] + 1) % V
+
+
+def _cfg(**switches):
+    return load_config(overrides={"edge.rtt_probe_interval_s": 60, "draft.max_k": 6,
+                                  **{f"switches.{k}": v for k, v in switches.items()}})
+
+
+class SlowTable(TableBackend):
+    """The table, taking `delay_s` per call: a round stays in flight long enough to draft the next."""
+
+    def __init__(self, delay_s):
+        super().__init__(n_vocab=V, n_ctx=512)
+        self.delay_s = delay_s
+
+    async def alogits(self, *args, **kw):
+        await asyncio.sleep(self.delay_s)
+        return await super().alogits(*args, **kw)
+
+
+def generate(cfg, prompts, max_tokens, sampling_for, delay_ms=0.0):
+    """Each prompt's tokens and GenStats, generated one after another; and the cloud's /stats."""
+    async def main():
+        backend = SlowTable(delay_ms / 1e3)
+        verifier = Verifier(backend, cfg.cloud, cfg.switches)
+        runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
+        out = []
+        try:
+            async with CloudLink(url, cfg.edge) as link:
+                gen = Generator(RuleDrafter(), link, cfg, stop_tokens=set())
+                for i, prompt in enumerate(prompts):
+                    stats = GenStats(mode="edge_cloud")
+                    toks = []
+                    async for t, _ in gen.stream(0, prompt, max_tokens, sampling_for(i), stats):
+                        toks += t
+                    assert stats.error is None, stats.error
+                    out.append((toks, stats))
+        finally:
+            await runner.cleanup()
+        return out, verifier.stats.snapshot()
+    return asyncio.run(main())
+
+
+def table_answer(prompt, n):
+    out, last = [], prompt[-1]
+    for _ in range(n):
+        last = (last + 1) % V
+        out.append(last)
+    return out
+
+
+SWITCHES = ("adaptive_draft", "draft_ahead", "ngram_draft", "parallel_prefill")
+
+
+@pytest.mark.parametrize("on", list(itertools.product((False, True), repeat=4)))
+def test_greedy_answer_is_the_targets_with_any_switches(on):
+    prompts = [[1, 2, 3], [5, 9, 5, 9, 5]]
+    got, _ = generate(_cfg(**dict(zip(SWITCHES, on))), prompts, 40, lambda i: SamplingParams())
+    for prompt, (toks, stats) in zip(prompts, got):
+        assert toks == table_answer(prompt, 40)
+        assert stats.rounds > 0 and stats.accepted > 0
+        assert (stats.trace[0][1] == []) == on[3]          # parallel prefill: round 0 carries no draft
+
+
+def test_draft_ahead_rounds_are_kept_when_they_hold_and_dropped_on_412():
+    # a slow cloud: every draft is made while the round before is in flight (the drafter is faster)
+    got, cloud = generate(_cfg(adaptive_draft=False, ngram_draft=False), [[1, 2, 3]], 60,
+                          lambda i: SamplingParams(), delay_ms=30.0)
+    toks, stats = got[0]
+    assert toks == table_answer([1, 2, 3], 60)
+    assert stats.ahead_kept > 0 and stats.ahead_dropped > 0         # the drafter errs after each multiple of 7
+    assert cloud["draft_ahead"]["stale"] == stats.ahead_dropped     # every dropped round was answered 412
+    assert cloud["rounds"] == stats.rounds                          # ... and none was verified
+
+
+def test_sampled_answers_keep_the_targets_law_with_rounds_dropped():
+    """The table's law as a chain: each step is last + 1 with p1 = e^5 / (e^5 + 31), else one of the other
+    31 uniformly. With every switch on (draft-ahead rounds kept and dropped), the pairs of consecutive
+    steps of 160 sampled answers match that law (chi-squared)."""
+    cfg = _cfg(adaptive_draft=True, draft_ahead=True, ngram_draft=True, parallel_prefill=True)
+    got, cloud = generate(cfg, [[1, 2, 3]] * 160, 6, lambda i: SamplingParams(temperature=1.0, seed=i), delay_ms=4.0)
+    p1 = np.exp(5) / (np.exp(5) + V - 1)
+    counts = np.zeros(4)
+    for toks, stats in got:
+        steps = [(b - a) % V == 1 for a, b in zip([3] + toks, toks)]
+        for a, b in zip(steps, steps[1:]):
+            counts[2 * a + b] += 1
+    q = np.array([(1 - p1) ** 2, (1 - p1) * p1, p1 * (1 - p1), p1 * p1])
+    assert chisquare(counts, q * counts.sum()).pvalue > 1e-4
+    assert sum(s.ahead_dropped for _, s in got) > 0 and sum(s.ahead_kept for _, s in got) > 0
+    assert cloud["draft_ahead"]["stale"] == sum(s.ahead_dropped for _, s in got)
