@@ -22,16 +22,18 @@ from pydantic import ValidationError
 
 from cloud.verifier import ApiError, Verifier
 from common.auth import bearer_matches
+from common.coalesce import Coalescer, Policy, from_config
 from common.config import TandemConfig
 from common.http_limits import read_body, start_site
 from common.jsonbody import BadBody, check_content_type, parse_json_object
 from common.protocol import (PROTOCOL_VERSION, ErrorResponse, GenerateChunk, GenerateRequest, Timing,
-                             VerifyRequest, validation_message)
+                             VerifyRequest, batch_frame, unbatch, validation_message)
 
 log = logging.getLogger("tandem.cloud")
 VERIFIER = web.AppKey("verifier", Verifier)
 CONFIG = web.AppKey("config", TandemConfig)
 TOKENIZER = web.AppKey("tokenizer", object)
+COALESCE = web.AppKey("coalesce", object)      # Optional[Policy]: switches.rtt_batching (common/coalesce.py)
 MONITORING = ("/stats", "/metrics")
 WS_ROUNDS_IN_FLIGHT = 256      # per WebSocket: past this the socket is not read until a round ends
 
@@ -113,47 +115,105 @@ async def errors_middleware(request: web.Request, handler):
 
 async def verify(request: web.Request) -> web.Response:
     req = await _parse(request, VerifyRequest)
+    request.app[VERIFIER].stats.link(f"http:{request.remote}", "http").observe(req.rtt_ms, req.rttvar_ms)
     resp = await request.app[VERIFIER].verify(req, client=request.remote)
     return web.json_response(text=resp.model_dump_json())
 
 
+def _ws_messages(raw: str) -> list:
+    """The messages of one text frame: the items of a batch envelope {"batch": [...]}, or the frame's
+    object itself. ApiError 400 if the frame is no JSON object."""
+    try:
+        return unbatch(parse_json_object(raw, "application/json", None))
+    except BadBody as e:
+        raise ApiError(e.status, e.message) from None
+
+
+def _validate_item(item, model):
+    """One parsed message as `model`; ApiError 400/422."""
+    if not isinstance(item, dict):
+        raise ApiError(400, "each item of a batch must be a JSON object")
+    try:
+        return model.model_validate(item)
+    except ValidationError as e:
+        message, field = validation_message(e)
+        raise ApiError(422, message, field) from None
+
+
 async def verify_ws(request: web.Request) -> web.WebSocketResponse:
-    """Verify rounds over one WebSocket: each text message is a VerifyRequest, each answer a
-    VerifyResponse or an error object {"error", "field", "status", "session_id", "seq"}. Rounds run
-    concurrently (a draft-ahead round while the one before is in flight), so answers come in the
-    order they are decided: match them by (session_id, seq). The same rounds as POST /v1/verify for less
-    CPU per round (no HTTP request to parse, no response headers, no handler per round:
-    ablations/results/frontend_cost.md)."""
+    """Verify rounds over one WebSocket: each text message is a VerifyRequest (or a batch of them,
+    {"batch": [...]}), each answer a VerifyResponse or an error object {"error", "field", "status",
+    "session_id", "seq"}. Rounds run concurrently (a draft-ahead round while the one before is in flight),
+    so answers come in the order they are decided: match them by (session_id, seq). The same rounds as
+    POST /v1/verify for less CPU per round (no HTTP request to parse, no response headers, no handler per
+    round: ablations/results/frontend_cost.md).
+
+    switches.rtt_batching (common/coalesce.py): answers of this link decided together go in one frame
+    ({"batch": [...]}, one answer alone still bare); on a link whose edge reports an RTT at or above
+    coalesce.min_rtt_ms an answer may wait, at most min(rtt_fraction x RTT, max_wait_ms), for the answers
+    of the link's other rounds this cloud holds (received, not yet answered: on a CPU backend the rounds
+    queued behind the one verifying, on an in-engine backend the step's), and goes as soon as they are in."""
     verifier = request.app[VERIFIER]
+    stats = verifier.stats
+    policy: Policy | None = request.app[COALESCE]
     ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].cloud.max_body_bytes)
     await ws.prepare(request)
     rounds: set[asyncio.Task] = set()
     client = request.remote
+    link = stats.link(f"ws:{client}:{id(ws):x}", "ws")
+    unanswered = [0]                 # rounds of this link received whose answer is not out yet
 
-    async def one(raw) -> None:
+    async def send(text: str, messages: int = 1, held_ms: float = 0.0) -> None:
+        if not ws.closed:
+            await ws.send_str(text)
+            stats.frame_out(link, len(text), messages, held_ms)
+
+    outbox = None if policy is None else Coalescer(policy, send, lambda: link.rtt_ms, lambda: unanswered[0],
+                                                   batch_frame, "cloud-ws")
+
+    async def one(item) -> None:
         ids = {}
         try:
-            req = _validate(raw, VerifyRequest)
+            req = _validate_item(item, VerifyRequest)
             ids = {"session_id": req.session_id, "seq": req.seq}
+            link.observe(req.rtt_ms, req.rttvar_ms)
             answer = (await verifier.verify(req, client=client)).model_dump_json()
         except ApiError as e:
             answer = json.dumps(error_body(verifier, e.status, e.message, e.field, **ids, **e.extra) | {"status": e.status})
         except Exception as e:  # a bug or backend failure: report it, keep serving
             log.exception("internal error on a WebSocket round")
             answer = json.dumps(error_body(verifier, 500, f"internal error: {type(e).__name__}: {e}", **ids) | {"status": 500})
-        if not ws.closed:
-            await ws.send_str(answer)
+        finally:
+            unanswered[0] -= 1
+        if outbox is not None:
+            outbox.put(answer)
+        else:
+            await send(answer)
 
-    async for msg in ws:
-        if msg.type == web.WSMsgType.TEXT:
-            if len(rounds) >= WS_ROUNDS_IN_FLIGHT:           # back-pressure: stop reading until one ends
-                await asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.create_task(one(msg.data))
-            rounds.add(task)
-            task.add_done_callback(rounds.discard)
-        elif msg.type == web.WSMsgType.BINARY:
-            await ws.send_str(json.dumps(error_body(verifier, 400, "send VerifyRequest JSON as text messages") | {"status": 400}))
-    return ws                          # rounds still running finish (the session state stays right), unsent
+    try:
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                try:
+                    items = _ws_messages(msg.data)
+                except ApiError as e:
+                    stats.frame_in(link, len(msg.data), 1)
+                    await send(json.dumps(error_body(verifier, e.status, e.message) | {"status": e.status}))
+                    continue
+                stats.frame_in(link, len(msg.data), len(items))
+                for item in items:
+                    if len(rounds) >= WS_ROUNDS_IN_FLIGHT:       # back-pressure: stop reading until one ends
+                        await asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED)
+                    unanswered[0] += 1
+                    task = asyncio.create_task(one(item))
+                    rounds.add(task)
+                    task.add_done_callback(rounds.discard)
+            elif msg.type == web.WSMsgType.BINARY:
+                await send(json.dumps(error_body(verifier, 400, "send VerifyRequest JSON as text messages") | {"status": 400}))
+    finally:                             # rounds still running finish (the session state stays right), unsent
+        stats.links.pop(link.name, None)
+        if outbox is not None:
+            await outbox.close()
+    return ws
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -210,11 +270,13 @@ async def health(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     v = request.app[VERIFIER]
+    v.stats.update_cpu()
     return web.json_response(v.stats.snapshot({"backend": v.backend.name, "sessions": len(v.sessions),
                                                "queue_waiting": v.queue.waiting}))
 
 
 async def metrics(request: web.Request) -> web.Response:
+    request.app[VERIFIER].stats.update_cpu()
     return web.Response(body=request.app[VERIFIER].stats.prometheus(), content_type="text/plain")
 
 
@@ -236,6 +298,7 @@ def make_app(verifier: Verifier, cfg: TandemConfig) -> web.Application:
     app[VERIFIER] = verifier
     app[CONFIG] = cfg
     app[TOKENIZER] = target_tokenizer(cfg)
+    app[COALESCE] = from_config(cfg)
     app.router.add_post("/v1/verify", verify)
     app.router.add_get("/v1/ws", verify_ws)
     app.router.add_post("/v1/generate", generate)

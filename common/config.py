@@ -161,6 +161,17 @@ class EdgeConfig(_Section):
     fallback: str = Field("edge_only", pattern="^(edge_only|fail)$")   # cloud unreachable mid-answer
 
 
+class CoalesceConfig(_Section):
+    """switches.rtt_batching's thresholds, one policy for every hop (common/coalesce.py says the rule)."""
+    min_rtt_ms: float = Field(100.0, ge=0.0)      # links below this RTT send every frame at once
+    rtt_fraction: float = Field(0.5, ge=0.0, le=1.0)   # above it a frame waits at most this fraction of the RTT
+    max_wait_ms: float = Field(250.0, ge=0.0)     # ... and never longer than this
+    sse_min_rtt_ms: float = Field(300.0, ge=0.0)  # user stream: every chunk at once below this user RTT
+    sse_chunks: int = Field(8, ge=1, le=1024)     # above it up to this many chunks in one SSE event
+    sse_far_rtt_ms: float = Field(1000.0, ge=0.0)  # and above this user RTT
+    sse_far_chunks: int = Field(20, ge=1, le=1024)  # up to this many
+
+
 class Switches(_Section):
     """Ablation switches. Each is read in exactly one place (named beside it)."""
     confidence_gating: bool = True   # edge/drafter.py Drafter.__init__: off = always draft max_k
@@ -169,14 +180,15 @@ class Switches(_Section):
     kv_cache: bool = True            # edge/generator.py Generator.__init__: edge KV reuse + cloud prefix reuse
     health_priority: bool = True     # cloud/verifier.py Verifier.__init__: off = FIFO admission
     batched_drafting: bool = True    # edge/drafter.py Drafter.__init__: off = one session's draft at a time
+    network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
+                                     # (edge/network_context.py)
+    rtt_batching: bool = True        # common/coalesce.py from_config: off = every message its own frame / SSE event
     adaptive_draft: bool = True      # edge/generator.py Generator.__init__: k per round from RTT, costs and acceptance
                                      # (edge/draft_length.py); off = always draft.max_k
     draft_ahead: bool = True         # edge/generator.py Generator.__init__: draft round r+1 while r is in flight, send it
     ngram_draft: bool = True         # edge/generator.py Generator.__init__: prompt-lookup drafts first (edge/ngram.py)
     parallel_prefill: bool = True    # edge/generator.py Generator.__init__: round 0 goes with no draft at once (both
                                      # sides prefill together), the edge drafts meanwhile
-    network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
-                                     # (edge/network_context.py)
 
 
 class TandemConfig(_Section):
@@ -186,6 +198,7 @@ class TandemConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     cloud: CloudConfig = CloudConfig()
     edge: EdgeConfig = EdgeConfig()
+    coalesce: CoalesceConfig = CoalesceConfig()
     switches: Switches = Switches()
 
 

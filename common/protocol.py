@@ -88,7 +88,8 @@ class VerifyRequest(_Message):
     draft_dists: Optional[list[DraftDist]] = None          # required iff sampling (temperature > 0)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     reuse_cache: bool = True                   # False: the cloud recomputes the whole context (ablation)
-    rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate
+    rtt_ms: Optional[float] = Field(None, ge=0.0)          # the edge's latest RTT estimate (RFC 6298 SRTT)
+    rttvar_ms: Optional[float] = Field(None, ge=0.0)       # ... and its mean deviation (RTTVAR): the jitter
     guess: Optional[TokenId] = None            # draft-ahead: round seq-1's next token, as the edge guessed it
     prompt_len: Optional[int] = Field(None, ge=1)  # a re-sync (base_len 0): how much of `append` is the prompt,
                                                # so an exact cloud re-evaluates it as the target alone did
@@ -145,6 +146,28 @@ class GenerateChunk(_Message):
     done: bool = False
     timing: Optional[Timing] = None
     error: Optional[str] = None
+
+
+MAX_BATCH = 256          # messages in one batch frame (the cloud's WS_ROUNDS_IN_FLIGHT)
+
+
+class Batch(_Message):
+    """switches.rtt_batching: several messages of one WebSocket in one frame, {"batch": [msg, ...]}: edge ->
+    cloud VerifyRequests, cloud -> edge VerifyResponses or error objects. Each is handled as if it had
+    come in a frame of its own (a bad one gets its own error); a single message still travels bare."""
+    batch: list[dict] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+def batch_frame(texts: list[str]) -> str:
+    """One frame of several messages already serialised as JSON objects (not parsed again)."""
+    return '{"batch":[' + ",".join(texts) + "]}"
+
+
+def unbatch(data) -> list:
+    """The messages of a parsed frame: a batch's items, or the frame itself."""
+    if isinstance(data, dict) and isinstance(data.get("batch"), list) and len(data) == 1:
+        return data["batch"]
+    return [data]
 
 
 class ErrorResponse(_Message):

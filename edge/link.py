@@ -20,9 +20,16 @@ cloud between rounds and its return ("cloud down" / "cloud back" in the log; `do
 The edge starts when its cloud is not up yet: entering the link never raises for that.
 
 RTT belongs to the link (a property of the path, not of a session): RFC 6298 SRTT/RTTVAR
-(common/rtt.py) over each round's wall time minus the cloud's own time (timing.server_ms), and over
-/health probes while no rounds run. Experiments put a network between edge and cloud with the link
+(common/rtt.py) over each round's wall time minus the cloud's own time (timing.server_ms), and, while
+no round has given a sample for edge.rtt_probe_interval_s, over a WebSocket ping/pong (over /health
+probes while there is no WebSocket). Every round carries SRTT and RTTVAR to the cloud (rtt_ms,
+rttvar_ms). Experiments put a network between edge and cloud with the link
 emulator (ablations/linkemu.py), a process on the path, not a sleep in here.
+
+Coalescing (switches.rtt_batching, common/coalesce.py): rounds of several sessions that are ready
+together go in one frame ({"batch": [...]}); on a link at or above coalesce.min_rtt_ms a round may wait,
+at most min(rtt_fraction x SRTT, max_wait_ms), until every session of this edge that is generating has
+its round on the wire. Answers may come batched too (the cloud's side of the same rule).
 """
 from __future__ import annotations
 
@@ -39,7 +46,9 @@ import aiohttp
 from common.cloud_identity import check_cloud_health
 from common.errors import CloudError, CloudUnavailable
 from common.config import EdgeConfig
-from common.protocol import PROTOCOL_VERSION, GenerateChunk, GenerateRequest, VerifyRequest, VerifyResponse
+from common.coalesce import Coalescer, Policy
+from common.protocol import (PROTOCOL_VERSION, GenerateChunk, GenerateRequest, VerifyRequest, VerifyResponse,
+                             batch_frame, unbatch)
 from common.rtt import RttEstimator
 from common.scheduling import health_factor
 
@@ -55,13 +64,34 @@ JSON = {"Content-Type": "application/json"}
 class _Channel:
     """One open WebSocket and the rounds waiting on it, keyed by (session_id, seq)."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, link: "CloudLink"):
         self.ws = ws
+        self.link = link
         self.waiting: dict[tuple, list[asyncio.Future]] = {}
         self.closed = False
         self.finished = asyncio.Event()
         self.opened_s = time.monotonic()
+        self._pings: dict[bytes, float] = {}      # ping payload -> when sent (perf_counter)
+        self._ping_no = 0
+        self.outbox = None if link.coalesce is None else Coalescer(
+            link.coalesce, self._send_frame, lambda: link.rtt_ms, self._missing, batch_frame, "edge-ws")
         self.reader = asyncio.create_task(self._read(), name="tandem-link-reader")
+
+    async def _send_frame(self, text: str, messages: int = 1, held_ms: float = 0.0) -> None:
+        await self.ws.send_str(text)
+        self.link.count_frame("out", len(text), messages)
+
+    def _missing(self) -> int:
+        """Sessions of this edge generating now with no round on the wire (still drafting)."""
+        busy = {key[0] for key in self.waiting}
+        return len(self.link.sessions - busy)
+
+    async def ping(self) -> None:
+        """One WebSocket ping; its pong is an RTT sample (the reader takes it)."""
+        self._ping_no += 1
+        payload = self._ping_no.to_bytes(8, "big")
+        self._pings = {payload: time.perf_counter()}    # an older ping still out is no sample any more
+        await self.ws.ping(payload)
 
     async def round(self, key: tuple, text: str, timeout_s: float) -> dict:
         """Send one round, wait for its answer (a VerifyResponse or an error object, as a dict)."""
@@ -70,7 +100,12 @@ class _Channel:
         fut = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(key, []).append(fut)
         try:
-            await self.ws.send_str(text)
+            if self.outbox is not None:
+                self.outbox.put(text)
+                if self.outbox.closed:
+                    raise ConnectionResetError("the WebSocket closed")
+            else:
+                await self._send_frame(text)
             async with asyncio.timeout(timeout_s):
                 return await fut
         finally:
@@ -85,6 +120,14 @@ class _Channel:
             async for msg in self.ws:
                 if msg.type is aiohttp.WSMsgType.ERROR:
                     break
+                if msg.type is aiohttp.WSMsgType.PING:       # autoping is off (so that pongs reach us)
+                    await self.ws.pong(msg.data)
+                    continue
+                if msg.type is aiohttp.WSMsgType.PONG:
+                    sent = self._pings.pop(msg.data, None)
+                    if sent is not None:
+                        self.link.observe_ping((time.perf_counter() - sent) * 1e3)
+                    continue
                 if msg.type is not aiohttp.WSMsgType.TEXT:
                     continue
                 try:
@@ -92,12 +135,15 @@ class _Channel:
                 except ValueError:
                     log.warning("the cloud sent a WebSocket message that is not JSON: %.200s", msg.data)
                     continue
-                key = (data.get("session_id"), data.get("seq")) if isinstance(data, dict) else None
-                fut = next((f for f in self.waiting.get(key, ()) if not f.done()), None)
-                if fut is None:     # its round timed out or was cancelled; or an error about no round
-                    log.debug("WebSocket answer with no round waiting for it: %.200s", msg.data)
-                    continue
-                fut.set_result(data)
+                items = unbatch(data)
+                self.link.count_frame("in", len(msg.data), len(items))
+                for item in items:
+                    key = (item.get("session_id"), item.get("seq")) if isinstance(item, dict) else None
+                    fut = next((f for f in self.waiting.get(key, ()) if not f.done()), None)
+                    if fut is None:     # its round timed out or was cancelled; or an error about no round
+                        log.debug("WebSocket answer with no round waiting for it: %.200s", item)
+                        continue
+                    fut.set_result(item)
         finally:
             self.closed = True
             lost = ConnectionResetError("the WebSocket closed with the round in flight")
@@ -108,6 +154,8 @@ class _Channel:
             self.finished.set()
 
     async def close(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.close()
         self.reader.cancel()
         with suppress(asyncio.CancelledError):
             await self.reader
@@ -119,12 +167,15 @@ class _Channel:
 class CloudLink:
     """One per edge node: `async with CloudLink(url, cfg.edge) as link: await link.verify(req)`."""
 
-    def __init__(self, base_url: str, cfg: EdgeConfig):
+    def __init__(self, base_url: str, cfg: EdgeConfig, coalesce: Optional[Policy] = None):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"--cloud-url needs http:// or https:// (got '{base_url}')")
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
+        self.coalesce = coalesce           # None: every round its own frame (switches.rtt_batching off)
         self.rtt = RttEstimator()
+        self.sessions: set[str] = set()    # sessions that sent rounds and have not been dropped
+        self.frames = {"frames_out": 0, "bytes_out": 0, "rounds_out": 0, "frames_in": 0, "bytes_in": 0, "answers_in": 0}
         self.up = False                   # the cloud answers (False until the first probe says so)
         self.down_events = 0              # up (or not yet known) -> down
         self.up_events = 0                # down -> up: "cloud back"
@@ -211,7 +262,18 @@ class CloudLink:
         return {"url": self.base_url, "up": self.up, "transport": self.transport,
                 "rtt_ms": r(self.rtt_ms), "rttvar_ms": r(self.rttvar_ms), "health_factor": round(self.health_factor, 4),
                 "down_events": self.down_events, "up_events": self.up_events, "reconnects": self.reconnects,
-                "rounds_ws": self.rounds_by_transport["ws"], "rounds_http": self.rounds_by_transport["http"]}
+                "rounds_ws": self.rounds_by_transport["ws"], "rounds_http": self.rounds_by_transport["http"],
+                "rtt_samples": self.rtt.samples, "coalescing": self.coalesce is not None, **self.frames}
+
+    def count_frame(self, way: str, nbytes: int, messages: int) -> None:
+        self.frames["frames_" + way] += 1
+        self.frames["bytes_" + way] += nbytes
+        self.frames["rounds_out" if way == "out" else "answers_in"] += messages
+
+    def observe_ping(self, wall_ms: float) -> None:
+        """A WebSocket ping's pong: an RTT sample when no round gave one lately."""
+        if time.monotonic() - self._last_sample_s >= self.cfg.rtt_probe_interval_s:
+            self._observe_rtt(wall_ms)
 
     def _observe_rtt(self, sample_ms: float) -> None:
         self.rtt.observe(sample_ms)
@@ -252,8 +314,11 @@ class CloudLink:
         if self._known and not self.up:
             raise CloudUnavailable(f"cloud at {self.base_url} is down (probing every "
                                    f"{self.cfg.probe_down_interval_s:g} s)")
+        if req.rtt_ms is not None and req.rttvar_ms is None and self.rttvar_ms is not None:
+            req = req.model_copy(update={"rttvar_ms": self.rttvar_ms})
         text = req.model_dump_json(exclude_none=True)
         key = (req.session_id, req.seq)
+        self.sessions.add(req.session_id)
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
@@ -298,11 +363,12 @@ class CloudLink:
             if self._channel is not None and not self._channel.closed:
                 return True
             try:
-                ws = await self._session.ws_connect(self.base_url + "/v1/ws", heartbeat=self.cfg.ws_heartbeat_s)
+                ws = await self._session.ws_connect(self.base_url + "/v1/ws", heartbeat=self.cfg.ws_heartbeat_s,
+                                                    autoping=False)    # pongs reach the reader: RTT samples
             except RETRYABLE as e:
                 log.debug("no WebSocket to %s (%s: %s): rounds go over HTTP POST", self.base_url, type(e).__name__, e)
                 return False
-            self._channel = _Channel(ws)
+            self._channel = _Channel(ws, self)
             self._wake_ws.clear()               # a wake-up was for this connection
             self._ws_opened += 1
             if self._ws_opened > 1:
@@ -372,6 +438,10 @@ class CloudLink:
                     self._rearm_probe = False
                     continue
                 await self._probe()
+                channel = self._channel
+                if (self.up and channel is not None and not channel.closed
+                        and time.monotonic() - self._last_sample_s >= self.cfg.rtt_probe_interval_s):
+                    await channel.ping()        # idle: the WebSocket's own ping/pong measures the path
             except asyncio.CancelledError:
                 raise
             except Exception:                   # never let the probe die
@@ -399,8 +469,8 @@ class CloudLink:
         if not isinstance(data, dict):
             raise ValueError(f"{self.base_url} is not a Tandem cloud: its /health answered {status} "
                              f"without a JSON object ({raw[:80]!r})")
-        if time.monotonic() - self._last_sample_s >= self.cfg.rtt_probe_interval_s:
-            self._observe_rtt(wall_ms)
+        if self.transport != "ws" and time.monotonic() - self._last_sample_s >= self.cfg.rtt_probe_interval_s:
+            self._observe_rtt(wall_ms)          # with a WebSocket open its ping/pong samples instead
         return data
 
     async def check_identity(self) -> dict:
@@ -429,6 +499,7 @@ class CloudLink:
     async def drop(self, session_id: str) -> None:
         """Tell the cloud to forget a session: best effort, in the background (the cloud also
         evicts idle sessions), so an ending session does not wait for it."""
+        self.sessions.discard(session_id)
         if not self.up or self._session is None:
             return
         task = asyncio.create_task(self._delete(session_id), name="tandem-link-drop")

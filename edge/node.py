@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 from common.assets import model_file
+from common.coalesce import from_config as coalesce_policy
 from common.chat_template import ChatTemplate, validate_messages
 from common.config import TandemConfig
 from common.llama_runtime import LlamaRunner
@@ -40,7 +41,7 @@ class EdgeNode:
         self.network_context = cfg.switches.network_context_prompt  # the user's RTT in the chat prompt
         self.drafter = Drafter(self.runner, cfg.draft, cfg.confidence, cfg.switches)
         self.slots = SessionSlots(cfg.edge.max_sessions, cfg.edge.max_queue, self.drafter.release)
-        self.link = CloudLink(cloud_url, cfg.edge) if cloud_url else None
+        self.link = CloudLink(cloud_url, cfg.edge, coalesce_policy(cfg)) if cloud_url else None
         self.generator = Generator(self.drafter, self.link, cfg, self.runner.stop_tokens())
         self.n_vocab = self.runner.n_vocab
         self.model_name = cfg.models.target

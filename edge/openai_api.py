@@ -49,10 +49,12 @@ from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.coalesce import from_config as coalesce_policy
 from common.protocol import SamplingParams, Seed, validation_message
 from edge.generator import EdgeBusy, Mode
 from edge.serving import (ARRIVED, NODE, ApiError, ClientGone, read_json_object, record_generation,
                           unless_client_gone)
+from edge.sse_pacer import SsePacer
 from edge.text_stream import Span, StopMatcher, TokenText
 from edge.user_rtt import HEADER as USER_RTT_HEADER, BadClientRtt, user_rtt_ms
 
@@ -304,6 +306,10 @@ async def _respond(request: web.Request, gen: Generation, req: _Request, shape: 
     client goes away (ClientGone: nothing is answered)."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     state = {"resp": None}
+    try:
+        user_rtt = user_rtt_ms(request) if req.stream else None    # paces the stream (edge/sse_pacer.py)
+    except BadClientRtt as e:
+        raise ApiError(400, str(e), param=USER_RTT_HEADER, code="invalid_value") from None
 
     async def whole() -> web.Response:
         answer: list[Span] = []
@@ -321,16 +327,22 @@ async def _respond(request: web.Request, gen: Generation, req: _Request, shape: 
             if first is None and gen.error:
                 raise ApiError(502, f"the generation failed: {gen.error}", code="generation_failed")
             resp = state["resp"] = web.StreamResponse(headers=SSE_HEADERS)
+            pacer = SsePacer(request.app[SSE_POLICY], user_rtt,
+                             lambda spans: resp.write(_sse(shape.content_chunk(spans))))
             try:
                 await resp.prepare(request)
-                await resp.write(_sse(shape.content_chunk(first or [], role=shape.chat)))
+                await resp.write(_sse(shape.content_chunk(first or [], role=shape.chat)))   # never held: TTFT
                 async for spans in it:
                     if spans:
-                        await resp.write(_sse(shape.content_chunk(spans)))
+                        await pacer.add(spans)
+                await pacer.close()                  # the last chunk is never held
             except ConnectionError:
                 raise ClientGone() from None
+            finally:
+                pacer.cancel()
         try:
-            last = {**shape.chunk(None if shape.chat else "", gen.finish_reason), "tandem": gen.stats}
+            last = {**shape.chunk(None if shape.chat else "", gen.finish_reason),
+                    "tandem": {**gen.stats, "stream": pacer.figures()}}
             if gen.error:
                 last["error"] = {"message": f"the generation failed after {gen.completion_tokens} tokens: {gen.error}",
                                  "type": "server_error", "param": None, "code": "generation_failed"}
@@ -398,8 +410,12 @@ async def get_model(request: web.Request) -> web.Response:
 STARTED = web.AppKey("started", int)
 
 
+SSE_POLICY = web.AppKey("sse_policy", object)     # Optional[Policy]: switches.rtt_batching
+
+
 def add_routes(app: web.Application) -> None:
     app[STARTED] = int(time.time())
+    app[SSE_POLICY] = coalesce_policy(app[NODE].cfg)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)

@@ -1,0 +1,174 @@
+"""Application-level Nagle: when to send what is ready in one frame, and when to wait for more.
+One policy for all three hops (switches.rtt_batching; thresholds in `coalesce:`):
+
+  cloud -> edge   verify answers of one link's sessions, one WebSocket frame (cloud/server.py)
+  edge -> cloud   verify rounds of one edge's sessions, one WebSocket frame (edge/link.py)
+  edge -> user    the SSE chunks of one answer, one event (edge/openai_api.py)
+
+The rule. Whatever becomes ready in the same event-loop pass travels together at no cost (the answers
+one engine step settles, the drafts one batched draft step makes). Beyond that, a link whose RTT is
+below `min_rtt_ms` sends at once: a near link is not made to wait. A farther link may hold a frame
+for at most `rtt_fraction` of its RTT, never more than `max_wait_ms`, and sends early as soon as
+everything it is waiting for is in (every round of the link that the cloud holds has its answer;
+every session of the edge has its draft). Why: a far link pays for every frame and every wake-up at
+both ends, and a few ms of coalescing are small beside its RTT; the wait is bounded in proportion to
+the RTT, so it never costs a round more than that fraction of what the link already costs it.
+
+The user's stream follows seed 000's rule on top of the same bound: every chunk at once below
+`sse_min_rtt_ms` (300), up to `sse_chunks` (8) chunks in one event above it and `sse_far_chunks` (20)
+above `sse_far_rtt_ms` (1,000), and a chunk is never held longer than the window above. The first
+chunk (time to first token) and the last one are never held.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Awaitable, Callable, Optional
+
+log = logging.getLogger("tandem.coalesce")
+
+__all__ = ["Policy", "from_config", "Coalescer"]
+
+
+class Policy:
+    """The thresholds (a `coalesce:` config section) and the decisions, as pure functions."""
+
+    def __init__(self, min_rtt_ms: float = 100.0, rtt_fraction: float = 0.5, max_wait_ms: float = 250.0,
+                 sse_min_rtt_ms: float = 300.0, sse_chunks: int = 8, sse_far_rtt_ms: float = 1000.0,
+                 sse_far_chunks: int = 20):
+        self.min_rtt_ms, self.rtt_fraction, self.max_wait_ms = min_rtt_ms, rtt_fraction, max_wait_ms
+        self.sse_min_rtt_ms, self.sse_chunks = sse_min_rtt_ms, sse_chunks
+        self.sse_far_rtt_ms, self.sse_far_chunks = sse_far_rtt_ms, sse_far_chunks
+
+    @classmethod
+    def of(cls, section) -> "Policy":
+        """From a CoalesceConfig (common/config.py), or anything with the same fields."""
+        return cls(**{k: getattr(section, k) for k in ("min_rtt_ms", "rtt_fraction", "max_wait_ms", "sse_min_rtt_ms",
+                                                        "sse_chunks", "sse_far_rtt_ms", "sse_far_chunks")})
+
+    def window_ms(self, rtt_ms: Optional[float], min_rtt_ms: Optional[float] = None) -> float:
+        """How long a frame may be held on a link of this RTT: 0 below the threshold (or unknown RTT)."""
+        floor = self.min_rtt_ms if min_rtt_ms is None else min_rtt_ms
+        if rtt_ms is None or not math.isfinite(rtt_ms) or rtt_ms < floor:
+            return 0.0
+        return min(self.max_wait_ms, self.rtt_fraction * rtt_ms)
+
+    def wait_ms(self, rtt_ms: Optional[float], held: int, missing: int, oldest_age_ms: float) -> float:
+        """How much longer to hold `held` items (0: send now). missing: items of the same step not
+        ready yet (answers still being verified, drafts still being made); none missing: send now."""
+        if held <= 0:
+            return 0.0
+        if missing <= 0:
+            return 0.0                                   # everything of the step is in: flush early
+        return max(0.0, self.window_ms(rtt_ms) - oldest_age_ms)
+
+    def sse_chunks_per_event(self, user_rtt_ms: Optional[float]) -> int:
+        """Seed 000's rule: 1 below 300 ms, 8 above, 20 above 1,000 ms (the thresholds are config)."""
+        if user_rtt_ms is None or not math.isfinite(user_rtt_ms) or user_rtt_ms < self.sse_min_rtt_ms:
+            return 1
+        return self.sse_far_chunks if user_rtt_ms >= self.sse_far_rtt_ms else self.sse_chunks
+
+    def sse_wait_ms(self, user_rtt_ms: Optional[float], held: int, oldest_age_ms: float,
+                    first: bool = False, last: bool = False) -> float:
+        """How much longer to hold `held` chunks of a user's stream (0: send now). The first chunk (TTFT)
+        and the last are never held; a full event goes at once; no chunk waits past the window."""
+        if held <= 0 or first or last:
+            return 0.0
+        if held >= self.sse_chunks_per_event(user_rtt_ms):
+            return 0.0
+        return max(0.0, self.window_ms(user_rtt_ms, self.sse_min_rtt_ms) - oldest_age_ms)
+
+
+def from_config(cfg) -> Optional[Policy]:
+    """The one place switches.rtt_batching is read: the policy every hop uses, or None (each frame
+    goes alone, as before the switch). cfg: a TandemConfig."""
+    return Policy.of(cfg.coalesce) if cfg.switches.rtt_batching else None
+
+
+class Coalescer:
+    """One sender for one connection: `put(text)` queues a JSON message; one task sends what is queued
+    as frames, several in one batch envelope (`pack`: common/protocol.py batch_frame) or alone, holding
+    them as the policy says (with the switch off there is no Coalescer: each message is its own frame). `missing()` counts what the step still lacks; `rtt_ms()` is the
+    link's RTT now. `send(text, messages, held_ms)` writes one frame of that many messages, the oldest
+    of which waited held_ms for company. Frames go in order, one at a time."""
+
+    def __init__(self, policy: Policy, send: Callable[[str, int, float], Awaitable[None]],
+                 rtt_ms: Callable[[], Optional[float]], missing: Callable[[], int],
+                 pack: Callable[[list[str]], str], name: str = "coalescer"):
+        self.policy, self._send, self._rtt_ms, self._missing, self._pack = policy, send, rtt_ms, missing, pack
+        self._items: list[str] = []
+        self._oldest = 0.0
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._name = name
+        self.frames = 0            # frames sent
+        self.messages = 0          # messages sent (in those frames)
+        self.bytes = 0             # bytes of text sent
+        self.held_ms = 0.0         # total time messages waited for company (sum over frames of the oldest's wait)
+        self.closed = False
+
+    def put(self, text: str) -> None:
+        if self.closed:
+            return
+        if not self._items:
+            self._oldest = time.perf_counter()
+        self._items.append(text)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tandem-{self._name}")
+
+    def poke(self) -> None:
+        """Something the policy looks at changed (an answer left the step): decide again."""
+        if self._items:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self._items:
+                    continue
+                await asyncio.sleep(0)          # what becomes ready in this pass of the loop travels along
+                while self._items:
+                    age_ms = (time.perf_counter() - self._oldest) * 1e3
+                    wait = self.policy.wait_ms(self._rtt_ms(), len(self._items), self._missing(), age_ms)
+                    if wait <= 0:
+                        break
+                    try:                        # a new item or a finished answer may complete the step
+                        async with asyncio.timeout(wait / 1e3):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        break
+                    self._wake.clear()
+                    await asyncio.sleep(0)
+                if self._items:
+                    batch, self._items = self._items, []
+                    held = (time.perf_counter() - self._oldest) * 1e3
+                    text = batch[0] if len(batch) == 1 else self._pack(batch)
+                    self.frames += 1
+                    self.messages += len(batch)
+                    self.bytes += len(text)
+                    self.held_ms += held
+                    await self._send(text, len(batch), held)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:             # the connection is gone: nothing more can be sent on it
+            log.debug("%s stopped: %s: %s", self._name, type(e).__name__, e)
+            self.closed = True
+            self._items.clear()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
+                pass
