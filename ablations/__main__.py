@@ -6,6 +6,7 @@
   python -m ablations run ablations/experiments/switches.yaml --set workload.num_prompts=2 --set draft.max_k=6
   python -m ablations run ablations/experiments/switches.yaml --out ablations/results   # refresh the committed report
   python -m ablations report switches --out ablations/results          # re-draw switches.{md,png} from its JSON
+  python -m ablations device run --jobs plain,big_plain,big --out $OUT  # the GPU engine jobs (ablations/gpu_vllm.py)
 
 --set KEY=VALUE: a key under the experiment's own fields (workload.*, links, repeats, matrix.*, ...)
 changes the experiment; any other key is a Tandem config override applied to every row (a row's own
@@ -29,6 +30,10 @@ def _run(args, argv) -> int:
     path = Path(args.experiment)
     if not path.exists() and path.suffix != ".yaml" and (EXPERIMENTS / f"{args.experiment}.yaml").exists():
         path = EXPERIMENTS / f"{args.experiment}.yaml"          # a name: `run switches`
+    from ablations.population import kind_of
+    if kind_of(path):                                           # kind: population | goodput (ablations/population.py)
+        from ablations import population
+        return population.run(path, Path(args.out) if args.out else default_out(path.stem), args.set, argv)
     exp = load_experiment(path, args.set, args.repeats, args.quick)
     out = Path(args.out) if args.out else default_out(exp.name)
     print(f"{exp.name}: {exp.question}\nresults -> {out}", file=sys.stderr)
@@ -65,6 +70,11 @@ def _report(args, argv) -> int:
                              "(e.g. --out ablations/results)")
         path = found[-1]
     from ablations.runner import _command, _git, derive_rows
+    if (report.load(path).get("experiment") or {}).get("kind") in ("population", "goodput"):
+        from ablations import population_report
+        for f in population_report.write(population_report.load(path), Path(args.out) if args.out else path.parent):
+            print(f"wrote {f}", file=sys.stderr)
+        return 0
     result = derive_rows(report.load(path))
     if result.get("cells"):
         result["meta"]["rows_derived_by"] = {"command": _command(["report", *argv]),
@@ -97,6 +107,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["device"]:           # the GPU jobs of ablations/gpu_vllm.py (their own flags: device --help)
+        from ablations.gpu_vllm import main as device_main
+        return device_main(argv[1:])
     args = parse_args(argv)
     from ablations.experiment import ExperimentError
     from common.config import ConfigError

@@ -290,7 +290,8 @@ async def replay_user(user: dict, epoch_perf: float) -> dict:
     by the cloud at user["url"] (its own link) either as Tandem rounds (system 'tandem': the drafts of
     draft_plan, each after the edge timing's draft time, over user["transport"] ws|http, with the RTT the
     client measured as the edge reports it) or as the target's own stream (system 'plain': POST
-    /v1/generate, NDJSON). Returns {"output": bench.RequestOutput as a dict, "tokens": output ids,
+    /v1/generate, NDJSON). user["deadline_s"] (optional): the request is cut this long after it was sent,
+    its tokens so far counting (finish_reason "deadline"). Returns {"output": bench.RequestOutput as a dict, "tokens": output ids,
     "uid", "rtt_ms", "cloud_times" (each chunk's time at the cloud, s since sent: arrival minus RTT/2)}."""
     import dataclasses
 
@@ -321,10 +322,11 @@ async def replay_user(user: dict, epoch_perf: float) -> dict:
         o.start_time = st - epoch_perf
         o.client_queue_time = max(0.0, -wait)          # late: its link was not set up by its arrival
         try:
-            if user["system"] == "plain":
-                await _plain(http, url, user, o, tokens, st)
-            else:
-                await _tandem(send, http, url, user, o, tokens, st, est)
+            work = _plain(http, url, user, o, tokens, st) if user["system"] == "plain" else \
+                _tandem(send, http, url, user, o, tokens, st, est)
+            await asyncio.wait_for(work, user.get("deadline_s"))
+        except asyncio.TimeoutError:             # cut at its deadline: what it received so far counts
+            o.finish_reason = "deadline"
         except Exception as e:  # noqa: BLE001 - a connection error: this user's request failed
             o.error = o.error or (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     if not o.error:
