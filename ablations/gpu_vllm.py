@@ -1,8 +1,12 @@
-"""The whole GPU experiment for the vLLM cloud (issue 3), one job per engine, results under --out.
+"""The GPU engine jobs (issue 3): what the vLLM cloud does at 64-256 sessions, beside vLLM alone, one
+job per engine, results under --out. Experiments with real edges behind a link, one user or a population,
+run through the runner instead (`python -m ablations run gpu_rtt_sweep`, gpu_goodput, gpu_population);
+these jobs measure the engine: throughput, the oracle ceiling, the 14B shape, exactness.
 
-  python -m ablations.gpu_vllm prepare                 # here (CPU): tokenize the prompts once
-  python -m ablations.gpu_vllm run --jobs JOB,JOB --out $OUT    # on the device (see the report for staging)
-  python -m ablations.gpu_vllm report DIR [DIR ...]    # here: merge job_*.json into results/gpu_vllm.{json,md}
+  python -m ablations device prepare                   # here (CPU): tokenize the prompts once
+  python -m ablations device run --jobs JOB,JOB --out $OUT      # on the device (staging: shared/device/README.md)
+  python -m ablations device report ablations/results/gpu_vllm-logs.tar.xz    # here: results/gpu_vllm.{json,md}
+(`python -m ablations.gpu_vllm ...`, as the reports' commands are written, is the same entry point.)
 
 Jobs (each starts its own engine in a subprocess, writes job_<name>.json, and keeps what later jobs
 need in --work, /tmp/gpu_work by default):
@@ -71,21 +75,7 @@ def prepare() -> None:
 
 
 # ---- models ---------------------------------------------------------------------------------------
-QWEN_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-QWEN_14B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
-
-
-def shape_dir(work: Path, name: str, shape: dict) -> str:
-    """A config-only Qwen2 folder for load_format=dummy (random weights made on the GPU)."""
-    d = work / name
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", max_position_embeddings=32768,
-               rms_norm_eps=1e-6, rope_theta=1000000.0, torch_dtype="bfloat16", bos_token_id=151643,
-               eos_token_id=151645, use_sliding_window=False, **shape)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
+from ablations.device import QWEN_14B, QWEN_15B, shape_dir  # noqa: E402,F401  (model shapes: ablations/device.py)
 
 
 def real_dir(args, which: str) -> str:
@@ -681,19 +671,10 @@ JOBS = {"smoke": job_smoke, "plain": job_plain, "edges": lambda a, w: asyncio.ru
 
 
 def stage_cache(args) -> None:
-    """Point TANDEM_CACHE at the staged GGUFs (sha256-checked by the staging kit's append.sh) and
-    stamp them as verified, so the edge code finds them as it would after `common.assets install`."""
-    from common.assets import MODELS, _stamp, _stamp_text
-    d = Path(args.draft_gguf).parent
-    d.mkdir(parents=True, exist_ok=True)            # the replay job needs no draft model staged
-    target = d / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-    if not target.exists() and Path(args.gguf).exists():
-        target.symlink_to(args.gguf)
-    for name, model in MODELS.items():
-        p = d / f"{name}.gguf"
-        if p.exists():
-            _stamp(p).write_text(_stamp_text(p, model))
-    os.environ["TANDEM_CACHE"] = str(d)
+    """Point TANDEM_CACHE at the staged GGUFs and stamp them as verified (ablations/device.py; the
+    replay job needs no draft model staged, so finding none is no error here)."""
+    from ablations.device import stage_files
+    stage_files(Path(args.gguf), Path(args.draft_gguf).parent)
 
 
 def exact_vllm_alone(args) -> None:
