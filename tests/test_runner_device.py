@@ -152,3 +152,14 @@ def test_lanes_run_cells_at_once_on_their_cpus_one_cloud_config_at_a_time(tmp_pa
     assert {s[1] for s in seen} == {0, 1} and all(s[2] for s in seen)
     assert max(s[3] for s in seen) == 2
     assert all(len(keys) <= 1 for *_, keys in seen)             # one cloud configuration at a time
+
+
+def test_gpu_rtt_sweep_is_one_cloud_start_on_2_cpu_edges():
+    exp = load_experiment(Path("ablations/experiments/gpu_rtt_sweep.yaml"))
+    todo = cells(exp)
+    assert {c.mode for c in todo} == {"edge_cloud", "cloud_only", "edge_only", "local_target"}
+    assert sorted(c.rtt_ms for c in todo if c.row == "edge_cloud") == [5, 20, 50, 100, 200, 500]
+    assert len(runner.waves(todo)) == 1                          # every cell shares the one vLLM cloud
+    assert all(len(parse_cpus(e)) == 2 for e in exp.device.cpus.edges)
+    assert exp.base["draft.n_threads"] == 2 and exp.base["cloud.backend"] == "vllm"
+    assert exp.device.stage == "/tmp/stage"
