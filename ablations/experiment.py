@@ -40,7 +40,9 @@ LABEL = r"^[a-z][a-z0-9_]*$"
 METRICS = ("per_user_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
            "e2el_ms_p50", "output_throughput", "tau", "acceptance", "rounds_per_100_tokens",
            "compute_ms_per_token", "draft_ms_per_round", "verify_ms_p50", "bound_round_ms", "bound_tok_s",
-           "bound_tpot_ms", "completed", "failed")
+           "bound_tpot_ms", "completed", "failed",
+           # drafting (runner.speedup_rows): per-user tok/s over the fixed-k=4 row's, same link and dataset
+           "speedup_vs_fixed")
 
 
 class ExperimentError(ValueError):

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ablations import report
-from ablations.experiment import Cell, Experiment, Workload, cells, parse_cpus
+from ablations.experiment import Cell, Experiment, Workload, cells, parse_cpus, row_config, row_mode
 from ablations.processes import ROOT, ProcessFailed, Stack, cpu_spec, start_cloud, start_edge, start_link
 
 RESULTS_TMP = Path("/tmp/tandem-results")
@@ -402,7 +402,33 @@ def rows_of(exp: Experiment, records: list[dict]) -> list[dict]:
                 if failed and not runs:
                     row["error"] = failed[0]["error"]
                 out.append(row)
+    speedup_rows(exp, out)
     return out
+
+
+FIXED_K4 = {"draft.max_k": 4, "switches.adaptive_draft": False, "switches.draft_ahead": False,
+            "switches.ngram_draft": False}
+
+
+def speedup_rows(exp: Experiment, rows: list[dict]) -> None:
+    """speedup_vs_fixed (issue 15's drafting bar): each row's per-user tok/s over that of the experiment's
+    fixed-k=4 row (an edge-cloud row with draft.max_k 4 and adaptive_draft, draft_ahead, ngram_draft off)
+    at the same link and dataset; nothing where the experiment has no such row."""
+    from common.config import ConfigError
+    def is_fixed(label: str) -> bool:
+        cfg = row_config(exp, label)
+        return row_mode(exp, label) == "edge_cloud" and all(
+            getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v for k, v in FIXED_K4.items())
+    try:
+        fixed = next((label for label in exp.matrix if is_fixed(label)), None)
+    except ConfigError:                # an old result whose rows today's config no longer loads
+        return
+    if fixed is None:
+        return
+    base = {(r["link"], r["dataset"]): r.get("per_user_tok_s") for r in rows if r["row"] == fixed}
+    for row in rows:
+        b, v = base.get((row["link"], row["dataset"])), row.get("per_user_tok_s")
+        row["speedup_vs_fixed"] = round(v / b, 3) if v and b else None
 
 
 def _texts(record: dict, ds: str) -> Optional[list]:

@@ -213,3 +213,14 @@ def test_sampled_answers_keep_the_targets_law_with_rounds_dropped():
     assert chisquare(counts, q * counts.sum()).pvalue > 1e-4
     assert sum(s.ahead_dropped for _, s in got) > 0 and sum(s.ahead_kept for _, s in got) > 0
     assert cloud["draft_ahead"]["stale"] == sum(s.ahead_dropped for _, s in got)
+
+
+def test_speedup_vs_fixed_is_over_the_fixed_k4_row_at_the_same_link_and_dataset():
+    from ablations.experiment import load_experiment
+    from ablations.runner import speedup_rows
+    exp = load_experiment("ablations/experiments/drafting.yaml")
+    rows = [{"row": r, "link": link, "dataset": "humaneval", "per_user_tok_s": v}
+            for r, link, v in [("fixed_k4", "rtt=5", 4.0), ("shipped", "rtt=5", 5.0), ("fixed_k4", "rtt=200", 2.0),
+                               ("shipped", "rtt=200", 3.0), ("cloud_only", "rtt=200", None)]]
+    speedup_rows(exp, rows)
+    assert [r["speedup_vs_fixed"] for r in rows] == [1.0, 1.25, 1.0, 1.5, None]
