@@ -145,6 +145,14 @@ def test_lanes_run_cells_at_once_on_their_cpus_one_cloud_config_at_a_time(tmp_pa
                 "datasets": {}}
 
     monkeypatch.setattr(runner, "run_cell", fake_cell)
+    starters = []
+
+    def fake_start_cloud(stack, set_args, timeout_s, cpus=None):
+        starters.append(threading.current_thread())
+        proc = stack.start("cloud", [sys.executable, "-c", "import time; time.sleep(60)"], cpus)
+        proc.url = "http://fake"
+        return proc
+    monkeypatch.setattr(runner, "start_cloud", fake_start_cloud)
     import ablations.bench
     monkeypatch.setattr(ablations.bench, "load_requests", lambda *a: [])
     result, ok = runner.run_experiment(exp, tmp_path / "out", ["run", "x"])
@@ -152,6 +160,9 @@ def test_lanes_run_cells_at_once_on_their_cpus_one_cloud_config_at_a_time(tmp_pa
     assert {s[1] for s in seen} == {0, 1} and all(s[2] for s in seen)
     assert max(s[3] for s in seen) == 2
     assert all(len(keys) <= 1 for *_, keys in seen)             # one cloud configuration at a time
+    # each wave's cloud started by the main thread (a child dies with the thread that started it)
+    assert len(starters) == len(runner.waves(cells(exp))) and set(starters) == {threading.main_thread()}
+    assert [c["cells"] for c in result["clouds"]] == [0] * len(starters)     # fake cells never asked for it
 
 
 def test_gpu_rtt_sweep_is_one_cloud_start_on_2_cpu_edges():
