@@ -40,14 +40,6 @@ class _Flight(NamedTuple):
     fresh: bool                # it starts (or re-syncs) the cloud's session: its verify time includes a prefill
 
 
-def _refutes(fly: _Flight) -> bool:
-    """Whether a round's answer (landed) rules out the round drafted after its whole draft."""
-    if fly.task.cancelled() or fly.task.exception() is not None:
-        return True
-    resp, _ = fly.task.result()
-    return resp.accepted < len(fly.draft.tokens)
-
-
 async def _settled(task: asyncio.Task) -> None:
     """Wait for a dropped round's answer (a 412, or any error): only that it has landed matters."""
     try:
@@ -191,48 +183,67 @@ class Generator:
         cloud_len, n, n_prompt = 0, 0, len(context)             # tokens the cloud holds; next round's seq
         fly: Optional[_Flight] = None                            # the round in flight
         ahead: Optional[_Flight] = None                          # the round after it: sent ahead, or held
+        ahead_job: Optional[asyncio.Task] = None                 # drafting `ahead` (it runs beside the answer)
         stale: list[asyncio.Task] = []                           # dropped ahead rounds whose answer (412) is due
-        ahead_job: Optional[asyncio.Task] = None                 # drafting the round after the one in flight
         done = lambda: len(context) - n_prompt >= max_tokens     # noqa: E731
+
+        async def drop_ahead() -> None:
+            """Drop the round drafted after the one in flight (ruled out); a sent one's 412 is due."""
+            nonlocal ahead, ahead_job
+            if ahead_job is not None:
+                ahead_job.cancel()
+                await asyncio.wait((ahead_job,))
+                if not ahead_job.cancelled() and ahead_job.exception() is None:
+                    ahead = ahead_job.result()
+                ahead_job = None
+            if ahead is not None and ahead.task is not None:
+                stale.append(ahead.task)
+                stats.ahead_dropped += 1
+            ahead = None
+
         try:
             while not done():
                 if fly is None:
-                    # 1. A fresh round: round 0 with no draft at once (parallel prefill), else the draft held
-                    # from while the last round flew if it is for this context, else a draft made now.
+                    # 1. The next round: the one drafted while the last flew, if it is for this context (sent
+                    # ahead: it is in flight already; held: send its draft), else round 0 with no draft at
+                    # once (parallel prefill), else a draft made now.
+                    if ahead_job is not None:
+                        ahead, ahead_job = await ahead_job, None
+                    if ahead is not None and ahead.base != context:
+                        await drop_ahead()
                     room = max_tokens - (len(context) - n_prompt) - 1
-                    if ahead is not None and ahead.base == context and (ahead.draft.tokens or room < 1):
-                        d = ahead.draft
-                    elif cloud_len == 0 and n == 0 and self.parallel_prefill:
-                        d = Draft([], [] if not sampling.greedy else None, [], 0.0)
+                    if ahead is not None and ahead.task is not None:
+                        fly, ahead = ahead, None
+                        stats.ahead_kept += 1
                     else:
-                        d = await self._draft(seq, context, max(1, room), 0, sampling, seeds, acceptance)
-                    ahead = None
-                    for task in stale:                            # its seq is ours now: let its 412 land first
-                        await _settled(task)
-                    stale = []
-                    req = VerifyRequest(session_id=sid, seq=n, base_len=cloud_len, append=context[cloud_len:],
-                                        draft=d.tokens, draft_dists=d.dists, sampling=sampling,
-                                        reuse_cache=self.reuse_kv, rtt_ms=self.link.rtt_ms,
-                                        prompt_len=n_prompt if cloud_len == 0 else None)
-                    fly = _Flight(list(context), d, None, asyncio.create_task(self.link.verify(req)), cloud_len == 0)
+                        if ahead is not None and (ahead.draft.tokens or room < 1):
+                            d = ahead.draft
+                        elif cloud_len == 0 and n == 0 and self.parallel_prefill:
+                            d = Draft([], [] if not sampling.greedy else None, [], 0.0)
+                        else:
+                            d = await self._draft(seq, context, max(1, room), 0, sampling, seeds, acceptance)
+                        ahead = None
+                        for task in stale:                        # its seq is ours now: let its 412 land first
+                            await _settled(task)
+                        stale = []
+                        req = VerifyRequest(session_id=sid, seq=n, base_len=cloud_len, append=context[cloud_len:],
+                                            draft=d.tokens, draft_dists=d.dists, sampling=sampling,
+                                            reuse_cache=self.reuse_kv, rtt_ms=self.link.rtt_ms,
+                                            prompt_len=n_prompt if cloud_len == 0 else None)
+                        fly = _Flight(list(context), d, None, asyncio.create_task(self.link.verify(req)),
+                                      cloud_len == 0)
                 # 2. While it flies: draft the round after it (draft-ahead; round 0's first draft with a
                 # parallel prefill), as if it accepts its whole draft and the target then says `guess`.
-                if ahead is None and (self.draft_ahead or not fly.draft.tokens and self.parallel_prefill):
+                # The drafting runs beside the answer: an answer that comes first is committed at once.
+                if ahead_job is None and (self.draft_ahead or not fly.draft.tokens and self.parallel_prefill):
                     ahead_job = asyncio.create_task(self._ahead(
                         seq, fly, sid, n, max_tokens - (len(context) - n_prompt), sampling, seeds, acceptance))
-                    await asyncio.wait((fly.task, ahead_job), return_when=asyncio.FIRST_COMPLETED)
-                    if not ahead_job.done() and _refutes(fly):      # the answer came first and rules it out
-                        ahead_job.cancel()
-                    await asyncio.wait((ahead_job,))
-                    ahead = None if ahead_job.cancelled() else ahead_job.result()
-                    ahead_job = None
                 # 3. The answer.
                 try:
                     r, wall_ms = await fly.task
                 except CloudError as e:
-                    d, fly = fly.draft, None
-                    stale += [a.task for a in (ahead,) if a is not None and a.task is not None]
-                    ahead = None
+                    fly = None
+                    await drop_ahead()
                     if e.status == 412:            # a round sent ahead that did not hold: draft afresh
                         continue
                     if e.status != 409 or cloud_len == 0:
@@ -241,9 +252,10 @@ class Generator:
                     continue
                 except CloudUnavailable:
                     fly = None
-                    for task in stale + [a.task for a in (ahead,) if a is not None and a.task is not None]:
+                    await drop_ahead()
+                    for task in stale:
                         await _settled(task)
-                    stale, ahead = [], None
+                    stale = []
                     if not self.fallback:
                         raise
                     # 3'. The cloud is away: go on with the draft model alone until it is back, then
@@ -274,14 +286,8 @@ class Generator:
                 stats.compute_ms += r.timing.compute_ms
                 stats.round_wall_ms += wall_ms
                 fly = None
-                if ahead is not None and ahead.base != context:        # it did not hold: drop it
-                    if ahead.task is not None:
-                        stale.append(ahead.task)
-                        stats.ahead_dropped += 1
-                    ahead = None
-                elif ahead is not None and ahead.task is not None:     # it held: it is the round in flight
-                    fly, ahead = ahead, None
-                    stats.ahead_kept += 1
+                if r.accepted < len(d.tokens):
+                    await drop_ahead()                 # it was drafted after the whole draft: ruled out
                 yield new, [DRAFT] * r.accepted + [TARGET]
         finally:
             for task in [f.task for f in (fly, ahead) if f is not None and f.task is not None] + [ahead_job]:
