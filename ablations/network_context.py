@@ -36,7 +36,7 @@ NAME = "network_context"
 
 
 def run(rtts: list[float], num_prompts: int, max_tokens: int, model: str, concurrency: int, out: Path,
-        command: str) -> dict:
+        command: str, name: str = NAME) -> dict:
     base = load_requests("mtbench", num_prompts, "heldout", max_tokens, seed=0)
     cfg = load_config()
     gguf = cfg.models.target if model == "target" else cfg.models.draft
@@ -48,7 +48,7 @@ def run(rtts: list[float], num_prompts: int, max_tokens: int, model: str, concur
                     f"clients were ablations/bench.py streaming /v1/chat/completions over loopback HTTP, each "
                     f"sending X-Client-RTT with its class's RTT (no delay emulated: answer length is measured, "
                     f"not speed). Greedy decoding.")
-    result = {"meta": meta, "config": {"rtts_ms": rtts, "num_prompts": num_prompts, "max_tokens": max_tokens,
+    result = {"meta": meta, "config": {"name": name, "rtts_ms": rtts, "num_prompts": num_prompts, "max_tokens": max_tokens,
                                        "model": model, "gguf": gguf, "dataset": "mtbench (held-out split)",
                                        "max_concurrency": concurrency, "temperature": 0.0,
                                        "system_instruction": SYSTEM_INSTRUCTION,
@@ -57,13 +57,15 @@ def run(rtts: list[float], num_prompts: int, max_tokens: int, model: str, concur
     t0 = time.perf_counter()
     for switch in (False, True):
         reqs, rtt_of = [], {}
-        for rtt in rtts:
+        # off, the prompt does not depend on the RTT (byte for byte: tests/test_network_context.py), so
+        # each prompt runs once (with the first class's header) and stands for every class
+        for rtt in rtts if switch else rtts[:1]:
             for p in base:
                 rid = f"{p.id}@{rtt:g}ms"
                 rtt_of[rid] = rtt
                 reqs.append(BenchRequest(prompt=p.prompt, id=rid, dataset="mtbench", max_tokens=max_tokens,
                                          rtt_class=f"rtt_{rtt:g}ms"))
-        log_dir = Path("/tmp") / f"{NAME}-logs" / f"switch_{'on' if switch else 'off'}"
+        log_dir = Path("/tmp") / f"{name}-logs" / f"switch_{'on' if switch else 'off'}"
         with Stack(log_dir) as stack:
             edge = start_edge(stack, None, set_args + ["--set", f"switches.network_context_prompt={str(switch).lower()}"],
                               START_TIMEOUT_S)
@@ -79,25 +81,27 @@ def run(rtts: list[float], num_prompts: int, max_tokens: int, model: str, concur
                 "error": bench["errors"][i] or None, "text": bench["generated_texts"][i]})
         result["meta"].setdefault("load_at_start", {})["on" if switch else "off"] = load
         result["meta"].setdefault("bench_duration_s", {})["on" if switch else "off"] = round(bench["duration"], 1)
-    result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
-    result["meta"]["load_end"] = _load()
-    result["rows"] = rows(result["requests"], rtts, max_tokens)
-    write(result, out)
+        result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
+        result["meta"]["load_end"] = _load()
+        result["meta"]["complete"] = switch
+        result["rows"] = rows(result["requests"], rtts, max_tokens)
+        write(result, out)             # after each setting: an interrupted run keeps what it measured
     return result
 
 
 def rows(requests: list[dict], rtts: list[float], max_tokens: int) -> list[dict]:
+    """Per (switch, RTT class); off was run once per prompt and stands for every class (rtt_ms None)."""
     out = []
-    off = {r["prompt_id"] + f"@{r['rtt_ms']:g}": r["completion_tokens"] for r in requests if not r["switch"]}
+    off = {r["prompt_id"]: r["completion_tokens"] for r in requests if not r["switch"] and not r["error"]}
     for switch in (False, True):
-        for rtt in rtts:
-            rs = [r for r in requests if r["switch"] == switch and r["rtt_ms"] == rtt and not r["error"]]
+        for rtt in rtts if switch else [None]:
+            mine = [r for r in requests if r["switch"] == switch and (rtt is None or r["rtt_ms"] == rtt)]
+            rs = [r for r in mine if not r["error"]]
             n = [r["completion_tokens"] for r in rs]
-            ratio = [r["completion_tokens"] / off[k] for r in rs
-                     if off.get(k := r["prompt_id"] + f"@{rtt:g}")]
-            out.append({"switch": "on" if switch else "off", "rtt_ms": rtt, "status": status_word(rtt),
-                        "answers": len(n), "failed": sum(1 for r in requests if r["switch"] == switch
-                                                         and r["rtt_ms"] == rtt and r["error"]),
+            ratio = [r["completion_tokens"] / off[r["prompt_id"]] for r in rs if switch and off.get(r["prompt_id"])]
+            out.append({"switch": "on" if switch else "off", "rtt_ms": rtt,
+                        "status": status_word(rtt) if rtt is not None else "(no block)",
+                        "answers": len(n), "failed": len(mine) - len(rs),
                         "mean_completion_tokens": round(float(np.mean(n)), 1) if n else None,
                         "median_completion_tokens": float(np.median(n)) if n else None,
                         "at_max_tokens": sum(1 for r in rs if r["completion_tokens"] >= max_tokens),
@@ -106,10 +110,11 @@ def rows(requests: list[dict], rtts: list[float], max_tokens: int) -> list[dict]
 
 
 def write(result: dict, out: Path) -> None:
+    name = result["config"].get("name", NAME)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     c, m = result["config"], result["meta"]
-    lines = [f"# {NAME}: what the network-aware prompt does to answer length per user RTT class", "",
+    lines = [f"# {name}: what the network-aware prompt does to answer length per user RTT class", "",
              f"`{m['command']}` at commit {m['commit']}, {m['date']}, {m['machine']}; load average at start "
              f"{m.get('load_at_start')}, at end {m.get('load_end')}; {m.get('duration_s')} s.", "",
              m["real"], "",
@@ -118,14 +123,17 @@ def write(result: dict, out: Path) -> None:
              "| switch | user RTT (ms) | status | answers | mean tokens | median tokens | at max_tokens | median on/off per prompt |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['switch']} | {r['rtt_ms']:g} | {r['status']} | {r['answers']} | {r['mean_completion_tokens']} "
+        rtt = "any" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}"
+        lines.append(f"| {r['switch']} | {rtt} | {r['status']} | {r['answers']} | {r['mean_completion_tokens']} "
                      f"| {r['median_completion_tokens']} | {r['at_max_tokens']} | {r['median_ratio_on_off'] or '-'} |")
     lines += ["", "Switch off, the prompt does not depend on the RTT (tests/test_network_context.py: byte for byte), so "
-              "the off rows differ only where batching changes a greedy near-tie.",
+              "each prompt ran once and its answer stands for every class. 'median on/off per prompt': each "
+              "prompt's answer length with the switch on over its length off, the median over prompts. Answers "
+              "that hit max_tokens are cut there, so a mean over them understates the length off.",
               "", f"The system instruction (first in every prompt, the same bytes for every user):", "",
-              f"> {c['system_instruction']}", "", f"![answer length per RTT class]({NAME}.png)", ""]
-    (out / f"{NAME}.md").write_text("\n".join(lines))
-    _plot(result, out / f"{NAME}.png")
+              f"> {c['system_instruction']}", "", f"![answer length per RTT class]({name}.png)", ""]
+    (out / f"{name}.md").write_text("\n".join(lines))
+    _plot(result, out / f"{name}.png")
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -137,9 +145,11 @@ def _plot(result: dict, path: Path) -> None:
     x = np.arange(len(rtts))
     for j, sw in enumerate(("off", "on")):
         rs = {r["rtt_ms"]: r for r in result["rows"] if r["switch"] == sw}
-        ax.bar(x + (j - 0.5) * 0.38, [rs[t]["mean_completion_tokens"] or 0 for t in rtts], 0.36,
+        if sw == "off" and None in rs:
+            rs = {t: rs[None] for t in rtts}            # run once, stands for every class
+        ax.bar(x + (j - 0.5) * 0.38, [(rs.get(t) or {}).get("mean_completion_tokens") or 0 for t in rtts], 0.36,
                label=f"network_context_prompt {sw} (mean)")
-        ax.plot(x + (j - 0.5) * 0.38, [rs[t]["median_completion_tokens"] or 0 for t in rtts], "k_", ms=14,
+        ax.plot(x + (j - 0.5) * 0.38, [(rs.get(t) or {}).get("median_completion_tokens") or 0 for t in rtts], "k_", ms=14,
                 label="median" if j else None)
     ax.set_xticks(x, [f"{t:g} ms\n{status_word(t)}" for t in rtts])
     ax.set_xlabel("user RTT (X-Client-RTT)")
@@ -161,11 +171,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="the GGUF the edge answers with alone (target: the answer Tandem gives, greedy)")
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("/tmp/tandem-results"))
+    ap.add_argument("--name", default=NAME, help=f"the report's file name (default {NAME})")
     args = ap.parse_args(argv)
     rtts = [float(x) for x in args.rtts.split(",") if x.strip()]
     command = "python -m ablations.network_context " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = run(rtts, args.num_prompts, args.max_tokens, args.model, args.max_concurrency, args.out, command)
-    print((args.out / f"{NAME}.md").read_text())
+    result = run(rtts, args.num_prompts, args.max_tokens, args.model, args.max_concurrency, args.out, command,
+                 args.name)
+    print((args.out / f"{args.name}.md").read_text())
     return 0 if not any(r["error"] for r in result["requests"]) else 1
 
 
