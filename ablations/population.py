@@ -427,7 +427,7 @@ def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path) -> dict:
         rec["startup_s"] = round(time.perf_counter() - t0, 1)
         urls = start_links(stack, cloud.url, rtts, g.seed, g.link_procs, log_dir)
         for ds in datasets:
-            ts = traces[ds]
+            ts = traces[ds][:n_max]                # the traces its users replay (user i: trace i mod len)
             # the target's own greedy answers on this engine (no link): the references the replayed drafts'
             # accept/reject pattern is laid on (pattern drafts), and a warm-up
             refs = make_users({ds: ts}, len(ts), g, [0.0] * len(ts), [0.0] * len(ts), [cloud.url] * len(ts),

@@ -337,6 +337,8 @@ async def replay_user(user: dict, epoch_perf: float) -> dict:
             o.ttft = o.chunk_times[0]
             o.itl = [b - a for a, b in zip(o.chunk_times, o.chunk_times[1:])]
             o.latency = o.chunk_times[-1]
+            if o.finish_reason == "deadline":       # it was still waiting for tokens then: TPOT counts to the cut
+                o.latency = max(o.latency, user["deadline_s"])
             o.output_tokens = sum(o.chunk_tokens)
     half = user["rtt_ms"] / 2e3
     return {"uid": user["uid"], "output": dataclasses.asdict(o), "tokens": tokens, "rtt_ms": user["rtt_ms"],
