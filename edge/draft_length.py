@@ -28,10 +28,18 @@ The inputs are estimated online:
             positions it verified (weighted least squares with forgetting): flat on a GPU, rising on a
             CPU cloud. Until k has varied the line is flat at the mean.
   RTT       the link's RFC 6298 SRTT (edge/link.py).
+
+Prompt lookup (switches.ngram_draft) is a second draft source with an alpha of its own (a session's
+lookups and its model drafts are right at different rates): each round the edge compares the best
+lookup draft, m of the tokens found at no drafting cost, with the best model draft, and sends the one
+with the higher rate. So a near link, where drafting is most of a round, takes a lookup even when it is
+often wrong; a far one, where tau counts most, only a lookup about as good as the model (and a CPU cloud,
+whose verify time grows with k, pays for a lookup's wrong tokens too).
 """
 from __future__ import annotations
 
 ALPHA0, PRIOR_TRIALS = 0.7, 4.0   # before a session's first round: acceptance 0.7, worth 4 tokens' evidence
+LOOKUP_ALPHA0 = 0.5               # ... of prompt-lookup drafts
 FORGET_TRIAL = 0.95                # alpha: a token 20 tries back weighs 0.95^20 = 0.36
 FORGET = 0.9                      # verify cost: per round, the round 10 rounds back weighs 0.9^10 = 0.35
 ALPHA_MAX = 0.98                  # keep 1 - alpha away from 0 (alpha = 1 would make every k as good as max_k)
@@ -42,16 +50,20 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms) -> float:
+    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms."""
+    alpha = min(max(alpha, 0.0), ALPHA_MAX)
+    return expected_tokens(alpha, k) / max(draft_ms + rtt_ms + verify_ms(k), 1e-3)
+
+
 def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms, min_k: int, max_k: int,
                       free: int = 0) -> int:
     """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k)).
     verify_ms: k -> the cloud's compute ms for a k-token draft. `free`: draft tokens that cost no
     drafting (a prompt lookup's). Ties go to the shorter draft."""
-    alpha = min(max(alpha, 0.0), ALPHA_MAX)
     best_k, best_rate = min_k, -1.0
     for k in range(min_k, max_k + 1):
-        cost = max(0, k - free) * t_draft_ms + rtt_ms + verify_ms(k)
-        rate = expected_tokens(alpha, k) / max(cost, 1e-3)
+        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -60,8 +72,8 @@ def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms,
 class Acceptance:
     """One session's alpha: Beta(successes + prior, failures + prior), older rounds forgotten."""
 
-    def __init__(self) -> None:
-        self.hits, self.trials = ALPHA0 * PRIOR_TRIALS, PRIOR_TRIALS
+    def __init__(self, alpha0: float = ALPHA0) -> None:
+        self.hits, self.trials = alpha0 * PRIOR_TRIALS, PRIOR_TRIALS
 
     @property
     def alpha(self) -> float:

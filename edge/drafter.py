@@ -39,6 +39,7 @@ class Draft:
     dists: Optional[list[DraftDist]]   # q per position (sampling only)
     confidences: list[float]           # confidence of each drafted position's distribution
     ms: float                          # wall time from asking to having the draft (incl. syncing the KV cache)
+    source: str = "model"              # "model" | "lookup" (edge/ngram.py) | "mixed" (lookup tokens, then the model's)
 
 
 def draft_distribution(logits: np.ndarray, temperature: float, top_n: int) -> DraftDist:

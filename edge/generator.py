@@ -21,7 +21,7 @@ import numpy as np
 from common.config import TandemConfig
 from common.errors import CloudError, CloudUnavailable
 from common.protocol import GenerateRequest, SamplingParams, VerifyRequest
-from edge.draft_length import Acceptance, VerifyCost, best_draft_length
+from edge.draft_length import LOOKUP_ALPHA0, Acceptance, VerifyCost, best_draft_length, round_rate
 from edge.drafter import Draft, Drafter
 from edge.ngram import lookup, one_hot
 from edge.sessions import EdgeBusy  # noqa: F401  (re-exported: the HTTP layer answers it with 429)
@@ -38,6 +38,17 @@ class _Flight(NamedTuple):
     guess: Optional[int]
     task: Optional[asyncio.Task]
     fresh: bool                # it starts (or re-syncs) the cloud's session: its verify time includes a prefill
+
+
+def _lookup_draft(tokens: list[int], sampling: SamplingParams) -> Draft:
+    """A prompt-lookup draft: no model time; each token's proposal law is a point mass (edge/ngram.py)."""
+    return Draft(tokens, one_hot(tokens) if not sampling.greedy else None, [1.0] * len(tokens), 0.0, "lookup")
+
+
+class _Acceptances(NamedTuple):
+    """A session's acceptance estimates, one per draft source (edge/draft_length.py)."""
+    model: Acceptance
+    lookup: Acceptance
 
 
 async def _settled(task: asyncio.Task) -> None:
@@ -179,7 +190,7 @@ class Generator:
         Prompt-lookup tokens are one-hot proposals (edge/ngram.py), exact the same way."""
         sid, seeds = uuid.uuid4().hex, np.random.SeedSequence(sampling.seed)
         rng = np.random.default_rng(seeds.spawn(1)[0])          # edge-only tokens while the cloud is away
-        acceptance = Acceptance()
+        acceptance = _Acceptances(Acceptance(), Acceptance(LOOKUP_ALPHA0))
         cloud_len, n, n_prompt = 0, 0, len(context)             # tokens the cloud holds; next round's seq
         fly: Optional[_Flight] = None                            # the round in flight
         ahead: Optional[_Flight] = None                          # the round after it: sent ahead, or held
@@ -275,7 +286,7 @@ class Generator:
                 stats.trace.append((len(context) - n_prompt, d.tokens, r.accepted, round(d.ms, 2)))
                 context += new
                 cloud_len, n = r.committed_len, n + 1
-                acceptance.observe(len(d.tokens), r.accepted)
+                (acceptance.lookup if d.source == "lookup" else acceptance.model).observe(len(d.tokens), r.accepted)
                 if not fly.fresh:                  # a round that brought the prompt timed its prefill too
                     self.verify_cost.observe(len(d.tokens), r.timing.compute_ms)
                 stats.rounds += 1
@@ -298,33 +309,35 @@ class Generator:
             if (cloud_len or n or fly is not None) and self.link.up:
                 asyncio.get_running_loop().create_task(self.link.drop(sid))   # best effort, off the answer's path
 
-    def _k(self, acceptance: Acceptance, room: int, free: int) -> int:
-        """This round's draft length: fixed draft.max_k, or (switches.adaptive_draft) the k that
-        maximises expected committed tokens per second (edge/draft_length.py); at most `room`."""
-        dc = self.cfg.draft
-        if self.adaptive and self.drafter.step_ms is not None:
-            k = best_draft_length(acceptance.alpha, self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost,
-                                  dc.min_k, dc.max_k, free)
-        else:
-            k = dc.max_k if not self.adaptive else min(dc.max_k, max(dc.min_k, FIRST_K))   # no step timed yet
-        return min(k, room)
+    async def _draft(self, seq, context, room, extra, sampling, seeds, acc: "_Acceptances") -> Draft:
+        """`extra` + k tokens after `context`, k at most `room` (extra: draft-ahead's guess, drafted first).
 
-    async def _draft(self, seq, context, room, extra, sampling, seeds, acceptance) -> Draft:
-        """`extra` + k tokens after `context` (k from _k, at most `room`): prompt-lookup tokens first
-        (switches.ngram_draft; free), then the draft model's, which stop early when it is unsure.
+        Fixed (adaptive_draft off, or before the drafter has timed a step): k = draft.max_k (FIRST_K),
+        prompt-lookup tokens first (switches.ngram_draft), then the model's. Adaptive: the best model
+        draft (edge/draft_length.py) or, when a lookup finds tokens and its expected rate is higher, the
+        best prefix of those. The model's drafts stop early where it is unsure (the confidence gate).
         Each call draws its randomness from a stream of its own (see _speculate)."""
         dc = self.cfg.draft
         found = lookup(context, min(dc.max_k, room) + extra, dc.ngram_max_n, dc.ngram_min_n) if self.ngram else []
-        want = extra + self._k(acceptance, room, max(0, len(found) - extra))
+        rng = np.random.default_rng(seeds.spawn(1)[0])
+        if self.adaptive and self.drafter.step_ms is not None:
+            t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
+            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k), room)
+            if len(found) > extra:
+                m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra)
+                if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify)
+                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify)):
+                    return _lookup_draft(found[:extra + m], sampling)
+            return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv)
+        want = extra + min(dc.max_k if not self.adaptive else max(dc.min_k, min(dc.max_k, FIRST_K)), room)
         found = found[:want]
         if len(found) >= want:
-            return Draft(found, one_hot(found) if not sampling.greedy else None, [1.0] * len(found), 0.0)
-        rng = np.random.default_rng(seeds.spawn(1)[0])
+            return _lookup_draft(found, sampling)
         d = await self.drafter.draft(seq, context + found, want - len(found), sampling, rng, self.reuse_kv)
         if not found:
             return d
         return Draft(found + d.tokens, None if sampling.greedy else one_hot(found) + d.dists,
-                     [1.0] * len(found) + d.confidences, d.ms)
+                     [1.0] * len(found) + d.confidences, d.ms, "mixed")
 
     async def _ahead(self, seq, fly: "_Flight", sid, n, left, sampling, seeds, acceptance) -> Optional["_Flight"]:
         """The round after `fly`, drafted while it flies, after fly's context + its whole draft + `guess`
@@ -338,7 +351,8 @@ class Generator:
         d = await self._draft(seq, base, room, 1, sampling, seeds, acceptance)
         if not d.tokens:
             return None
-        guess, draft = d.tokens[0], Draft(d.tokens[1:], None if d.dists is None else d.dists[1:], d.confidences[1:], d.ms)
+        guess, draft = d.tokens[0], Draft(d.tokens[1:], None if d.dists is None else d.dists[1:], d.confidences[1:],
+                                          d.ms, d.source)
         task = None
         if self.draft_ahead and not fly.task.done() and guess not in self.stop_tokens:
             req = VerifyRequest(session_id=sid, seq=n + 1, base_len=len(base) + 1, draft=draft.tokens,

@@ -15,7 +15,7 @@ from cloud.verifier import Verifier
 from common.config import load_config
 from common.protocol import DraftDist, SamplingParams
 from conftest import TableBackend
-from edge.draft_length import Acceptance, VerifyCost, best_draft_length, expected_tokens
+from edge.draft_length import Acceptance, VerifyCost, best_draft_length, expected_tokens, round_rate
 from edge.drafter import Draft
 from edge.generator import GenStats, Generator
 from edge.link import CloudLink
@@ -50,6 +50,17 @@ def test_bounds_are_respected_and_free_tokens_lengthen_the_draft():
     assert best_draft_length(0.0, 100.0, 1.0, flat(0.0), 3, 9) == 3
     assert best_draft_length(1.0, 10.0, 100.0, flat(0.0), 1, 12) == 12        # alpha clamped: no division by 0
     assert best_draft_length(0.7, 60.0, 50.0, flat(40.0), 1, 12, free=8) > best_draft_length(0.7, 60.0, 50.0, flat(40.0), 1, 12)
+
+
+def test_a_free_lookup_wins_near_even_when_often_wrong_and_far_only_when_it_is_right():
+    verify = flat(40.0)
+
+    def lookup_wins(alpha_lookup, rtt):
+        k = best_draft_length(0.8, 35.0, rtt, verify, 1, 12)
+        m = best_draft_length(alpha_lookup, 0.0, rtt, verify, 1, 8)
+        return round_rate(alpha_lookup, m, 0.0, rtt, verify) >= round_rate(0.8, k, k * 35.0, rtt, verify)
+    assert lookup_wins(0.9, 5) and lookup_wins(0.9, 500)
+    assert lookup_wins(0.5, 5) and not lookup_wins(0.5, 500)     # near: drafting is most of a round; far: tau counts
 
 
 def test_acceptance_and_verify_cost_estimates():
