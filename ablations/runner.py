@@ -587,7 +587,7 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
             tqdm.write(f"cell {cell.row} @ {cell.link or 'no link'} failed: {e}", file=sys.stderr)
         with lock:
             result["cells"].append(record)
-            _finish(exp, result, out, t0, final=False)
+            _finish(exp, result, out, t0, final=False, draw=not shared)
             bar.set_postfix_str(f"{cell.row} @ {cell.link or 'no link'}")
             bar.update()
 
@@ -657,14 +657,20 @@ def derive_rows(result: dict) -> dict:
     return result
 
 
-def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool) -> None:
+def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool, draw: bool = True) -> None:
+    """Rows derived, the JSON written (and, with draw, the Markdown and PNG: not while lanes measure in
+    this process, as matplotlib would hold the GIL their clients time with)."""
     result["rows"] = rows_of(exp, result["cells"])
     agreement(exp, result["cells"], result["rows"])
     batching_rows(exp, result["rows"])
     result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
     result["meta"]["load_end"] = _load()
     result["meta"]["complete"] = final and len(result["cells"]) == len(cells(exp))
-    report.write(result, out)
+    if draw:
+        report.write(result, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{exp.name}.json").write_text(report.dumps(result))
 
 
 def _pack_logs(logs: Path) -> None:
