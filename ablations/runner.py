@@ -575,6 +575,9 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
     mine = os.sched_getaffinity(0) if place.clients else None
     if place.clients:
         os.sched_setaffinity(0, place.clients)    # the runner's threads: the benchmark clients
+    switch = sys.getswitchinterval()
+    if len(place.edges) > 1:                      # lanes' clients share this process's GIL: a thread that wants it
+        sys.setswitchinterval(0.0005)             # waits up to this long (5 ms by default) to stamp a chunk
 
     def one(cell: Cell, lane: int, shared: bool) -> None:
         failures = (ProcessFailed, CellFailed, Exception) if shared else (ProcessFailed, CellFailed)
@@ -627,6 +630,7 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
         pool.close()
         if mine:
             os.sched_setaffinity(0, mine)
+        sys.setswitchinterval(switch)
         bar.close()
         with lock:
             result["clouds"] = pool.stopped
