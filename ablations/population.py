@@ -148,20 +148,16 @@ def load(path: Path, sets: list[str] = ()) -> PopulationExperiment:
 
 # ---- staging (the GPU machine) ---------------------------------------------------------------------
 def stage(folder: Optional[str]) -> None:
-    """Point TANDEM_CACHE at staged GGUFs (as ablations/gpu_vllm.py stage_cache does)."""
-    if not folder:
-        return
-    from types import SimpleNamespace
-
-    from ablations.gpu_vllm import stage_cache
-    stage_cache(SimpleNamespace(gguf=str(Path(folder) / "qwen" / "model.gguf"),
-                                draft_gguf=str(Path(folder) / "tandem" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")))
+    """Point TANDEM_CACHE at staged GGUFs (ablations/device.py, as the runner's device mode does)."""
+    if folder:
+        from ablations.device import stage_models
+        stage_models(folder)
 
 
 def shape_override(row: Row, work: Path) -> dict[str, Any]:
     if row.shape is None:
         return {}
-    from ablations.gpu_vllm import QWEN_14B, QWEN_15B, shape_dir
+    from ablations.device import QWEN_14B, QWEN_15B, shape_dir
     d = shape_dir(work, row.shape, QWEN_14B if row.shape == "qwen14b" else QWEN_15B)
     return {"cloud.vllm.model_dir": d, "cloud.vllm.load_format": "dummy"}
 
@@ -411,7 +407,9 @@ def level_figures(results: list[dict], p: float, slo_ttft_ms: float, slo_tpot_ms
     return f
 
 
-def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path) -> dict:
+def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path, progress=None) -> dict:
+    """progress(record so far): called after every level (the report is rewritten: a run stopped at its
+    time limit keeps every level it measured)."""
     from ablations.runner import _load
     g, row = exp.goodput, exp.matrix[label]
     traces = traces_by_dataset(g)
@@ -454,6 +452,8 @@ def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path) -> dict:
                         errs = [r["output"]["error"] for r in got if r["output"]["error"]]
                         fig["errors"] = errs[:3]
                         rec["levels"][key].append(fig)
+                        if progress:
+                            progress(rec)
                         print(f"[{exp.name}] {label} {key} {n} users: {json.dumps({k: v for k, v in fig.items() if k != 'per_class'})}",
                               flush=True)
         rec["cloud_stats"] = cloud.get_json("/stats")
@@ -503,8 +503,13 @@ def run(path: Path, out: Path, sets: list[str], argv: list[str]) -> int:
     with sigterm_as_interrupt():
         try:
             for label in exp.matrix:
+                def progress(rec, label=label):
+                    write(exp, {**cells, label: rec}, meta, out, t0, final=False)
                 try:
-                    cell = (population_cell if exp.kind == "population" else goodput_cell)(exp, label, logs / label)
+                    if exp.kind == "population":
+                        cell = population_cell(exp, label, logs / label)
+                    else:
+                        cell = goodput_cell(exp, label, logs / label, progress)
                 except (ProcessFailed, RuntimeError, OSError, ValueError) as e:
                     ok = False
                     cell = {"row": label, "error": f"{type(e).__name__}: {e}"}

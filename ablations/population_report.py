@@ -218,21 +218,26 @@ def goodput_png(result: dict, path: Path) -> None:
     panels = sorted({(r["model"], r["dataset"]) for r in rows})
     if not panels:
         return
+    levels = sorted({f["users"] for r in rows for f in r["levels"]})
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for j, (model, ds) in enumerate(panels):
         for r in rows:
             if (r["model"], r["dataset"]) != (model, ds):
                 continue
             label = f"{r['system']}" + (f" ({r['edge']})" if r["edge"] else "")
-            n = [f["users"] for f in r["levels"]]
-            axes[0][j].plot(n, [f.get(f"{p}_tpot_ms") for f in r["levels"]], marker="o", label=label)
-            axes[1][j].plot(n, [f.get(f"{p}_ttft_ms") for f in r["levels"]], marker="o", label=label)
+            n = [levels.index(f["users"]) for f in r["levels"]]
+            nan = float("nan")
+            axes[0][j].plot(n, [nan if f.get(f"{p}_tpot_ms") is None else f[f"{p}_tpot_ms"] for f in r["levels"]],
+                            marker="o", label=label)
+            axes[1][j].plot(n, [nan if f.get(f"{p}_ttft_ms") is None else f[f"{p}_ttft_ms"] for f in r["levels"]],
+                            marker="o", label=label)
         for s in g["slo_tpot_ms"]:
             axes[0][j].axhline(s, color="gray", ls="--", lw=0.8)
         axes[1][j].axhline(g["slo_ttft_ms"], color="gray", ls="--", lw=0.8)
-        axes[0][j].set(title=f"{model}, {ds}: {p} TPOT", xlabel="concurrent users", ylabel="ms", xscale="log")
-        axes[1][j].set(title=f"{model}, {ds}: {p} TTFT", xlabel="concurrent users", ylabel="ms", xscale="log")
+        axes[0][j].set(title=f"{model}, {ds}: {p} TPOT (missing: users failed)", xlabel="concurrent users", ylabel="ms")
+        axes[1][j].set(title=f"{model}, {ds}: {p} TTFT", xlabel="concurrent users", ylabel="ms")
         for ax in (axes[0][j], axes[1][j]):
+            ax.set_xticks(range(len(levels)), [str(x) for x in levels])
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     fig.tight_layout()
