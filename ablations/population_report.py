@@ -133,7 +133,8 @@ def population_png(result: dict, path: Path) -> None:
         a_gap.axhline(0, color="gray", lw=0.5)
     a_gap.set(title="Gap between the policies (health − FIFO)", xlabel="time (s)", ylabel="tokens, cumulative")
     for ax in (a_cloud, a_client, a_eff, a_gap):
-        ax.legend(fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
     x = np.arange(len(RTT_CLASSES))
     for ax, metric, title in ((a_ttft, "ttft", "TTFT per RTT class"), (a_tpot, "tpot", "TPOT per RTT class")):
