@@ -568,6 +568,39 @@ def test_cli_ready_line_delay_and_clean_exit():
                 p.wait()
 
 
+def test_cli_profiles_one_link_per_profile(tmp_path):
+    """--profiles: one process, a link per profile on a port of its own, each with its own delay."""
+    (tmp_path / "links.json").write_text(json.dumps(["rtt=5", "rtt=60"]))
+    echo = spawn("--echo", "127.0.0.1:0")
+    emu = None
+    try:
+        echo_port = int(echo.stdout.readline().strip().rsplit(":", 1)[1])
+        emu = spawn("--target", f"127.0.0.1:{echo_port}", "--profiles", str(tmp_path / "links.json"))
+        ports = [int(emu.stdout.readline().strip().rsplit(":", 1)[1]) for _ in range(2)]
+        medians = []
+        for port in ports:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                samples = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    s.sendall(b"ping")
+                    got = b""
+                    while len(got) < 4:
+                        got += s.recv(16)
+                    samples.append((time.perf_counter() - t0) * 1e3)
+            medians.append(statistics.median(samples))
+        assert 4.5 <= medians[0] <= 30.0 and 59.5 <= medians[1] <= 85.0, medians
+        emu.terminate()
+        out, err = emu.communicate(timeout=20)
+        stats = json.loads(err.split("linkemu stats ", 1)[1])
+        assert [s["profile"] for s in stats] == ["rtt=5", "rtt=60"] and all(s["connections"] == 1 for s in stats)
+    finally:
+        for p in (echo, emu):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_cli_bad_input_is_a_message_not_a_traceback():
     for args, words in [(["--target", "127.0.0.1:1", "--profile", "rtt=fast"], "rtt needs a number"),
                         (["--target", "nowhere"], "is not HOST:PORT"),
