@@ -41,6 +41,9 @@ METRICS = ("per_user_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_
            "e2el_ms_p50", "output_throughput", "tau", "acceptance", "rounds_per_100_tokens",
            "compute_ms_per_token", "draft_ms_per_round", "verify_ms_p50", "bound_round_ms", "bound_tok_s",
            "bound_tpot_ms", "completed", "failed",
+           # the link (switches.rtt_batching): WebSocket frames and bytes as the cloud counted them, its front end's CPU
+           "frames_per_round", "frames_per_round_up", "frames_per_token", "bytes_per_token", "cpu_us_per_round",
+           "hold_ms_p50", "hold_ms_p50_up", "added_ms_p50",
            # drafting (runner.speedup_rows): per-user tok/s over the fixed-k=4 row's, same link and dataset
            "speedup_vs_fixed")
 

@@ -135,7 +135,64 @@ def _diff(after: Optional[dict], before: Optional[dict], keys: tuple[str, ...]) 
 EDGE_COUNTERS = ("generations", "tokens", "rounds", "drafted", "accepted", "fallbacks", "errors",
                  "tokens_draft", "tokens_target", "tokens_edge")
 COUNTS = ("completed", "failed")
-CLOUD_COUNTERS = ("requests", "rounds", "generated_tokens", "drafted", "accepted", "late_rounds", "evicted_sessions")
+CLOUD_COUNTERS = ("requests", "rounds", "generated_tokens", "drafted", "accepted", "late_rounds", "evicted_sessions",
+                  "ws_frames_in", "ws_frames_out", "ws_bytes_in", "ws_bytes_out", "ws_messages_in", "ws_messages_out",
+                  "frontend_cpu_s", "process_cpu_s")
+
+
+def _diff_list(after, before) -> list:
+    if not after:
+        return []
+    return [a - b for a, b in zip(after, before)] if before else list(after)
+
+
+def link_figures(cloud_stats: Optional[dict], edge_stats: Optional[dict]) -> dict:
+    """The link's figures of one benchmark (switches.rtt_batching), from the diffs of the cloud's /stats
+    (its WebSocket frames, bytes and messages each way, its front end's CPU time, how long its answers
+    waited for company) and the edge's (committed tokens; how long its rounds waited):
+      frames_per_round      cloud -> edge frames per verify answer (the results' direction)
+      frames_per_round_up   edge -> cloud frames per verify round
+      frames_per_token, bytes_per_token   both ways, per committed token
+      cpu_us_per_round      the cloud front end's event-loop CPU per round (not the model's threads)
+      hold_ms_p50(_up)      the median time an answer (a round) waited to share a frame
+      added_ms_p50          what coalescing adds to a round at p50: hold_ms_p50 + hold_ms_p50_up"""
+    from common.coalesce import hold_quantile_ms
+    c, e = cloud_stats or {}, edge_stats or {}
+    out_msgs, in_msgs = c.get("ws_messages_out") or 0, c.get("ws_messages_in") or 0
+    tokens = e.get("tokens") or 0
+    frames = (c.get("ws_frames_in") or 0) + (c.get("ws_frames_out") or 0)
+    nbytes = (c.get("ws_bytes_in") or 0) + (c.get("ws_bytes_out") or 0)
+    down = hold_quantile_ms(c.get("ws_hold_counts") or [], 0.5)
+    up = hold_quantile_ms(e.get("hold_counts") or [], 0.5)
+    m = {"frames_per_round": c["ws_frames_out"] / out_msgs if out_msgs else None,
+         "frames_per_round_up": c["ws_frames_in"] / in_msgs if in_msgs else None,
+         "frames_per_token": frames / tokens if tokens and frames else None,
+         "bytes_per_token": nbytes / tokens if tokens and nbytes else None,
+         "cpu_us_per_round": 1e6 * c["frontend_cpu_s"] / out_msgs if out_msgs and c.get("frontend_cpu_s") else None,
+         "hold_ms_p50": down, "hold_ms_p50_up": up,
+         "added_ms_p50": None if down is None and up is None else (down or 0.0) + (up or 0.0)}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+
+
+def batching_rows(exp: Experiment, rows: list[dict]) -> None:
+    """Where the experiment's rows differ in switches.rtt_batching: each row names it, and each row with
+    it on gets the user-visible difference to the row with it off at the same link and dataset
+    (tpot_added_ms_p50, ttft_added_ms_p50: p50 on - p50 off; noisy beside added_ms_p50, which is measured)."""
+    from common.config import Switches
+    default = Switches().rtt_batching
+    on = {label: bool({**exp.base, **exp.matrix[label]}.get("switches.rtt_batching", default)) for label in exp.matrix}
+    if len(set(on.values())) < 2:
+        return
+    for row in rows:
+        row["rtt_batching"] = on[row["row"]]
+    for row in rows:
+        if not row["rtt_batching"]:
+            continue
+        off = next((r for r in rows if not r["rtt_batching"] and r["link"] == row["link"]
+                    and r["dataset"] == row["dataset"]), None)
+        for m in ("tpot", "ttft"):
+            a, b = row.get(f"{m}_ms_p50"), (off or {}).get(f"{m}_ms_p50")
+            row[f"{m}_added_ms_p50"] = None if a is None or b is None else round(a - b, 3)
 
 
 def summarise(mode: str, rtt_ms: Optional[float], bench: dict, cloud_after: Optional[dict]) -> dict:
@@ -323,10 +380,13 @@ def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) ->
     e1, c1 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
     if c1 and not own_window:
         c1 = {**c1, "latency_ms": None, "queue_ms": None}
-    return {**summarise(cell.mode, cell.rtt_ms, bench, c1), "wall_s": round(wall, 1), "bench": bench,
-            "edge_stats": _diff(e1, e0, EDGE_COUNTERS),
-            "cloud_stats": {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"),
-                            "queue_ms": c1.get("queue_ms")} if c1 else None}
+    edge_stats = {**_diff(e1, e0, EDGE_COUNTERS),
+                  "hold_counts": _diff_list(((e1 or {}).get("link_frames") or {}).get("hold_counts"),
+                                            ((e0 or {}).get("link_frames") or {}).get("hold_counts"))}
+    cloud_stats = {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"), "queue_ms": c1.get("queue_ms"),
+                   "ws_hold_counts": _diff_list(c1.get("ws_hold_counts"), c0.get("ws_hold_counts"))} if c1 else None
+    return {**summarise(cell.mode, cell.rtt_ms, bench, c1), **link_figures(cloud_stats, edge_stats),
+            "wall_s": round(wall, 1), "bench": bench, "edge_stats": edge_stats, "cloud_stats": cloud_stats}
 
 
 RAW = ("itls",)                                      # per request: every inter-chunk gap
@@ -594,8 +654,10 @@ def derive_rows(result: dict) -> dict:
             if data.get("bench") is not None:
                 data.update(summarise(cell["mode"], cell.get("rtt_ms"), data["bench"],
                                       {"latency_ms": (data.get("cloud_stats") or {}).get("latency_ms")}))
+                data.update(link_figures(data.get("cloud_stats"), data.get("edge_stats")))
     result["rows"] = rows_of(exp, result["cells"])
     agreement(exp, result["cells"], result["rows"])
+    batching_rows(exp, result["rows"])
     return result
 
 
@@ -604,6 +666,7 @@ def _finish(exp: Experiment, result: dict, out: Path, t0: float, final: bool, dr
     this process, as matplotlib would hold the GIL their clients time with)."""
     result["rows"] = rows_of(exp, result["cells"])
     agreement(exp, result["cells"], result["rows"])
+    batching_rows(exp, result["rows"])
     result["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
     result["meta"]["load_end"] = _load()
     result["meta"]["complete"] = final and len(result["cells"]) == len(cells(exp))

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from cloud.verifier import ApiError, Verifier
 from common.auth import bearer_matches
-from common.coalesce import Coalescer, Policy, from_config
+from common.coalesce import Cadence, Coalescer, Policy, from_config
 from common.config import TandemConfig
 from common.http_limits import read_body, start_site
 from common.jsonbody import BadBody, check_content_type, parse_json_object
@@ -152,7 +152,8 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
     ({"batch": [...]}, one answer alone still bare); on a link whose edge reports an RTT at or above
     coalesce.min_rtt_ms an answer may wait, at most min(rtt_fraction x RTT, max_wait_ms), for the answers
     of the link's other rounds this cloud holds (received, not yet answered: on a CPU backend the rounds
-    queued behind the one verifying, on an in-engine backend the step's), and goes as soon as they are in."""
+    queued behind the one verifying, on an in-engine backend the step's), and goes as soon as they are in,
+    or at once when the link's answers have been coming further apart than the window has left."""
     verifier = request.app[VERIFIER]
     stats = verifier.stats
     policy: Policy | None = request.app[COALESCE]
@@ -162,6 +163,7 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
     client = request.remote
     link = stats.link(f"ws:{client}:{id(ws):x}", "ws")
     unanswered = [0]                 # rounds of this link received whose answer is not out yet
+    cadence = Cadence()              # how far apart this link's answers come while it has rounds here
 
     async def send(text: str, messages: int = 1, held_ms: float = 0.0) -> None:
         if not ws.closed:
@@ -169,7 +171,9 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             stats.frame_out(link, len(text), messages, held_ms)
 
     outbox = None if policy is None else Coalescer(policy, send, lambda: link.rtt_ms, lambda: unanswered[0],
-                                                   batch_frame, "cloud-ws")
+                                                   batch_frame, "cloud-ws", cadence.next_in_ms)
+    if outbox is not None:
+        outbox.hold_counts = stats.hold_counts       # counted for the whole cloud
 
     async def one(item) -> None:
         ids = {}
@@ -185,6 +189,7 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             answer = json.dumps(error_body(verifier, 500, f"internal error: {type(e).__name__}: {e}", **ids) | {"status": 500})
         finally:
             unanswered[0] -= 1
+            cadence.item(more_outstanding=unanswered[0] > 0)
         if outbox is not None:
             outbox.put(answer)
         else:

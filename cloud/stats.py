@@ -22,6 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter as PCounter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+from common.coalesce import HOLD_BUCKETS_MS, hold_quantile_ms
 from common.scheduling import health_factor
 
 LINK_IDLE_S = 600.0
@@ -57,6 +58,10 @@ class LinkState:
         return {"link": self.name, "transport": self.transport, "rtt_ms": r(self.rtt_ms), "rttvar_ms": r(self.rttvar_ms),
                 "health_factor": round(self.health_factor, 4), "rounds": self.rounds,
                 "frames_in": self.frames_in, "frames_out": self.frames_out}
+
+
+def _r(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 3)
 
 
 def frontend_cpu_s() -> float:
@@ -113,6 +118,7 @@ class CloudStats:
         self.latency_ms: deque[float] = deque(maxlen=window)
         self.links: dict[str, LinkState] = {}
         self.frames = Counter()     # ws_frames_in/out, ws_bytes_in/out, ws_messages_in/out, ws_held_ms
+        self.hold_counts = [0] * len(HOLD_BUCKETS_MS)   # answers by how long they waited for company (rtt_batching)
         self.frontend_cpu_s = 0.0   # the event loop thread's CPU time, as of the last update_cpu()
         self.queue_ms: deque[float] = deque(maxlen=window)
         self.registry = CollectorRegistry()
@@ -208,6 +214,9 @@ class CloudStats:
             "draft_ahead": {"posted_early": self.ahead_posted, "stale": self.stale_rounds},
             "links": self._links_summary(),
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(self.frames.items())},
+            "ws_hold_counts": list(self.hold_counts),
+            "ws_hold_ms": {"p50": _r(hold_quantile_ms(self.hold_counts, 0.5)),
+                           "p99": _r(hold_quantile_ms(self.hold_counts, 0.99))},
             "frontend_cpu_s": round(self.frontend_cpu_s, 6),
             "process_cpu_s": round(time.process_time(), 6),
             "process_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -10,7 +10,9 @@ one engine step settles, the drafts one batched draft step makes). Beyond that, 
 below `min_rtt_ms` sends at once: a near link is not made to wait. A farther link may hold a frame
 for at most `rtt_fraction` of its RTT, never more than `max_wait_ms`, and sends early as soon as
 everything it is waiting for is in (every round of the link that the cloud holds has its answer;
-every session of the edge has its draft). Why: a far link pays for every frame and every wake-up at
+every session of the edge has its draft), or as soon as the rest cannot come within the window (the
+link's answers have been coming further apart than what is left of it: a CPU cloud verifies one round
+at a time, a few hundred ms each, so a frame does not wait in vain for the next). Why: a far link pays for every frame and every wake-up at
 both ends, and a few ms of coalescing are small beside its RTT; the wait is bounded in proportion to
 the RTT, so it never costs a round more than that fraction of what the link already costs it.
 
@@ -29,7 +31,31 @@ from typing import Awaitable, Callable, Optional
 
 log = logging.getLogger("tandem.coalesce")
 
-__all__ = ["Policy", "from_config", "Coalescer"]
+__all__ = ["Policy", "from_config", "Coalescer", "Cadence", "HOLD_BUCKETS_MS", "hold_quantile_ms"]
+
+# how long messages waited for company, counted per message in these buckets (upper bounds, ms): counters
+# that a benchmark can diff before and after (ablations/runner.py: added_ms_p50)
+HOLD_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
+
+
+def hold_bucket(ms: float) -> int:
+    return next(i for i, b in enumerate(HOLD_BUCKETS_MS) if ms <= b)
+
+
+def hold_quantile_ms(counts: list[int], q: float) -> Optional[float]:
+    """The q-quantile of the holds counted in `counts` (per HOLD_BUCKETS_MS), interpolated linearly
+    within its bucket (the last, unbounded bucket reports its lower edge); None when nothing was counted."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank, seen = q * total, 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            lo = 0.0 if i == 0 else HOLD_BUCKETS_MS[i - 1]
+            hi = HOLD_BUCKETS_MS[i]
+            return lo if math.isinf(hi) else lo + (hi - lo) * max(0.0, rank - seen) / n
+        seen += n
+    return HOLD_BUCKETS_MS[-2]
 
 
 class Policy:
@@ -55,14 +81,17 @@ class Policy:
             return 0.0
         return min(self.max_wait_ms, self.rtt_fraction * rtt_ms)
 
-    def wait_ms(self, rtt_ms: Optional[float], held: int, missing: int, oldest_age_ms: float) -> float:
+    def wait_ms(self, rtt_ms: Optional[float], held: int, missing: int, oldest_age_ms: float,
+                next_in_ms: Optional[float] = None) -> float:
         """How much longer to hold `held` items (0: send now). missing: items of the same step not
-        ready yet (answers still being verified, drafts still being made); none missing: send now."""
-        if held <= 0:
-            return 0.0
-        if missing <= 0:
+        ready yet (answers still being verified, drafts still being made); none missing: send now.
+        next_in_ms: when the next of them is expected (None: unknown); later than the window: send now."""
+        if held <= 0 or missing <= 0:
             return 0.0                                   # everything of the step is in: flush early
-        return max(0.0, self.window_ms(rtt_ms) - oldest_age_ms)
+        left = max(0.0, self.window_ms(rtt_ms) - oldest_age_ms)
+        if next_in_ms is not None and next_in_ms > left:
+            return 0.0                                   # the rest comes too late: do not wait in vain
+        return left
 
     def sse_chunks_per_event(self, user_rtt_ms: Optional[float]) -> int:
         """Seed 000's rule: 1 below 300 ms, 8 above, 20 above 1,000 ms (the thresholds are config)."""
@@ -81,6 +110,27 @@ class Policy:
         return max(0.0, self.window_ms(user_rtt_ms, self.sse_min_rtt_ms) - oldest_age_ms)
 
 
+class Cadence:
+    """When a stream of items (one link's answers) is due next: an EWMA of the gaps between consecutive
+    items, counted only while more were outstanding (an idle link's silence is no gap). next_in_ms is
+    that gap minus the time since the last item (None before two items)."""
+
+    def __init__(self, weight: float = 0.25):
+        self.weight, self.gap_ms, self._last = weight, None, None
+
+    def item(self, more_outstanding: bool) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            gap = (now - self._last) * 1e3
+            self.gap_ms = gap if self.gap_ms is None else (1 - self.weight) * self.gap_ms + self.weight * gap
+        self._last = now if more_outstanding else None
+
+    def next_in_ms(self) -> Optional[float]:
+        if self.gap_ms is None or self._last is None:
+            return None
+        return max(0.0, self.gap_ms - (time.perf_counter() - self._last) * 1e3)
+
+
 def from_config(cfg) -> Optional[Policy]:
     """The one place switches.rtt_batching is read: the policy every hop uses, or None (each frame
     goes alone, as before the switch). cfg: a TandemConfig."""
@@ -90,15 +140,19 @@ def from_config(cfg) -> Optional[Policy]:
 class Coalescer:
     """One sender for one connection: `put(text)` queues a JSON message; one task sends what is queued
     as frames, several in one batch envelope (`pack`: common/protocol.py batch_frame) or alone, holding
-    them as the policy says (with the switch off there is no Coalescer: each message is its own frame). `missing()` counts what the step still lacks; `rtt_ms()` is the
-    link's RTT now. `send(text, messages, held_ms)` writes one frame of that many messages, the oldest
-    of which waited held_ms for company. Frames go in order, one at a time."""
+    them as the policy says (with the switch off there is no Coalescer: each message is its own frame).
+    `missing()` counts what the step still lacks; `rtt_ms()` is the link's RTT now; `next_in_ms()` when
+    the next missing item is expected (None: unknown). `send(text, messages, held_ms)` writes one frame
+    of that many messages, which waited held_ms in all for company. Frames go in order, one at a time."""
 
     def __init__(self, policy: Policy, send: Callable[[str, int, float], Awaitable[None]],
                  rtt_ms: Callable[[], Optional[float]], missing: Callable[[], int],
-                 pack: Callable[[list[str]], str], name: str = "coalescer"):
+                 pack: Callable[[list[str]], str], name: str = "coalescer",
+                 next_in_ms: Callable[[], Optional[float]] = lambda: None):
         self.policy, self._send, self._rtt_ms, self._missing, self._pack = policy, send, rtt_ms, missing, pack
+        self._next_in_ms = next_in_ms
         self._items: list[str] = []
+        self._put_s: list[float] = []      # when each item came
         self._oldest = 0.0
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
@@ -106,15 +160,18 @@ class Coalescer:
         self.frames = 0            # frames sent
         self.messages = 0          # messages sent (in those frames)
         self.bytes = 0             # bytes of text sent
-        self.held_ms = 0.0         # total time messages waited for company (sum over frames of the oldest's wait)
+        self.held_ms = 0.0         # total time messages waited for company (sum over messages)
+        self.hold_counts = [0] * len(HOLD_BUCKETS_MS)    # messages by how long they waited (HOLD_BUCKETS_MS)
         self.closed = False
 
     def put(self, text: str) -> None:
         if self.closed:
             return
+        now = time.perf_counter()
         if not self._items:
-            self._oldest = time.perf_counter()
+            self._oldest = now
         self._items.append(text)
+        self._put_s.append(now)
         self._wake.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tandem-{self._name}")
@@ -138,7 +195,8 @@ class Coalescer:
                 await asyncio.sleep(0)          # what becomes ready in this pass of the loop travels along
                 while self._items:
                     age_ms = (time.perf_counter() - self._oldest) * 1e3
-                    wait = self.policy.wait_ms(self._rtt_ms(), len(self._items), self._missing(), age_ms)
+                    wait = self.policy.wait_ms(self._rtt_ms(), len(self._items), self._missing(), age_ms,
+                                               self._next_in_ms())
                     if wait <= 0:
                         break
                     try:                        # a new item or a finished answer may complete the step
@@ -149,20 +207,24 @@ class Coalescer:
                     self._wake.clear()
                     await asyncio.sleep(0)
                 if self._items:
-                    batch, self._items = self._items, []
-                    held = (time.perf_counter() - self._oldest) * 1e3
+                    batch, self._items, put_s, self._put_s = self._items, [], self._put_s, []
+                    now = time.perf_counter()
+                    holds = [(now - t) * 1e3 for t in put_s]
+                    for ms in holds:
+                        self.hold_counts[hold_bucket(ms)] += 1
                     text = batch[0] if len(batch) == 1 else self._pack(batch)
                     self.frames += 1
                     self.messages += len(batch)
                     self.bytes += len(text)
-                    self.held_ms += held
-                    await self._send(text, len(batch), held)
+                    self.held_ms += sum(holds)
+                    await self._send(text, len(batch), sum(holds))
         except asyncio.CancelledError:
             raise
         except Exception as e:             # the connection is gone: nothing more can be sent on it
             log.debug("%s stopped: %s: %s", self._name, type(e).__name__, e)
             self.closed = True
             self._items.clear()
+            self._put_s.clear()
 
     async def close(self) -> None:
         self.closed = True

@@ -46,7 +46,7 @@ import aiohttp
 from common.cloud_identity import check_cloud_health
 from common.errors import CloudError, CloudUnavailable
 from common.config import EdgeConfig
-from common.coalesce import Coalescer, Policy
+from common.coalesce import HOLD_BUCKETS_MS, Coalescer, Policy
 from common.protocol import (PROTOCOL_VERSION, GenerateChunk, GenerateRequest, VerifyRequest, VerifyResponse,
                              batch_frame, unbatch)
 from common.rtt import RttEstimator
@@ -75,6 +75,8 @@ class _Channel:
         self._ping_no = 0
         self.outbox = None if link.coalesce is None else Coalescer(
             link.coalesce, self._send_frame, lambda: link.rtt_ms, self._missing, batch_frame, "edge-ws")
+        if self.outbox is not None:
+            self.outbox.hold_counts = link.hold_counts     # counted for the link, across reconnects
         self.reader = asyncio.create_task(self._read(), name="tandem-link-reader")
 
     async def _send_frame(self, text: str, messages: int = 1, held_ms: float = 0.0) -> None:
@@ -175,6 +177,7 @@ class CloudLink:
         self.coalesce = coalesce           # None: every round its own frame (switches.rtt_batching off)
         self.rtt = RttEstimator()
         self.sessions: set[str] = set()    # sessions that sent rounds and have not been dropped
+        self.hold_counts = [0] * len(HOLD_BUCKETS_MS)   # rounds by how long they waited for company
         self.frames = {"frames_out": 0, "bytes_out": 0, "rounds_out": 0, "frames_in": 0, "bytes_in": 0, "answers_in": 0}
         self.up = False                   # the cloud answers (False until the first probe says so)
         self.down_events = 0              # up (or not yet known) -> down
@@ -263,7 +266,8 @@ class CloudLink:
                 "rtt_ms": r(self.rtt_ms), "rttvar_ms": r(self.rttvar_ms), "health_factor": round(self.health_factor, 4),
                 "down_events": self.down_events, "up_events": self.up_events, "reconnects": self.reconnects,
                 "rounds_ws": self.rounds_by_transport["ws"], "rounds_http": self.rounds_by_transport["http"],
-                "rtt_samples": self.rtt.samples, "coalescing": self.coalesce is not None, **self.frames}
+                "rtt_samples": self.rtt.samples, "coalescing": self.coalesce is not None, **self.frames,
+                "hold_counts": list(self.hold_counts)}
 
     def count_frame(self, way: str, nbytes: int, messages: int) -> None:
         self.frames["frames_" + way] += 1

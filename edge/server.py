@@ -180,7 +180,9 @@ async def stats(request: web.Request) -> web.Response:
         **t, "acceptance_rate": round(t["accepted"] / t["drafted"], 4) if t["drafted"] else None,
         "mean_accepted_length": round((t["accepted"] + t["rounds"]) / t["rounds"], 3) if t["rounds"] else None,
         "model": node.model_name, "active_sessions": node.active_sessions, "queue_depth": node.queue_depth,
-        "link": cloud, "rtt_ms": cloud["rtt_ms"] if cloud else None})
+        "link": cloud, "rtt_ms": cloud["rtt_ms"] if cloud else None,
+        "link_frames": {**getattr(node.link, "frames", {}), "hold_counts": list(getattr(node.link, "hold_counts", []))}
+        if cloud else None})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -277,3 +277,85 @@ def test_tcp_info_rtt_offset():
     finally:
         for s in (a, c, srv):
             s.close()
+
+
+def test_hold_quantiles_from_counts():
+    from common.coalesce import HOLD_BUCKETS_MS, hold_bucket, hold_quantile_ms
+    counts = [0] * len(HOLD_BUCKETS_MS)
+    assert hold_quantile_ms(counts, 0.5) is None
+    for ms in (0.01, 0.02, 0.03, 150.0):
+        counts[hold_bucket(ms)] += 1
+    assert hold_quantile_ms(counts, 0.5) <= 0.05           # most waited nothing
+    assert 100 <= hold_quantile_ms(counts, 0.99) <= 200
+
+
+def test_runner_link_figures():
+    from ablations.runner import link_figures
+    from common.coalesce import HOLD_BUCKETS_MS, hold_bucket
+    holds = [0] * len(HOLD_BUCKETS_MS)
+    holds[hold_bucket(0.01)] = 10
+    cloud = {"ws_frames_out": 5, "ws_messages_out": 20, "ws_frames_in": 10, "ws_messages_in": 20,
+             "ws_bytes_in": 3000, "ws_bytes_out": 1000, "frontend_cpu_s": 0.004, "ws_hold_counts": holds}
+    f = link_figures(cloud, {"tokens": 80, "hold_counts": []})
+    assert f["frames_per_round"] == 0.25 and f["frames_per_round_up"] == 0.5
+    assert f["bytes_per_token"] == 50 and f["frames_per_token"] == 15 / 80 and f["cpu_us_per_round"] == 200
+    assert f["hold_ms_p50"] <= 0.05 and f["hold_ms_p50_up"] is None and f["added_ms_p50"] == f["hold_ms_p50"]
+    assert link_figures(None, None)["frames_per_round"] is None
+
+
+def test_a_frame_does_not_wait_in_vain():
+    assert P.wait_ms(300, held=1, missing=3, oldest_age_ms=0, next_in_ms=None) == 150
+    assert P.wait_ms(300, held=1, missing=3, oldest_age_ms=0, next_in_ms=40) == 150     # company is due: wait
+    assert P.wait_ms(300, held=1, missing=3, oldest_age_ms=100, next_in_ms=80) == 0     # due after the window
+    assert P.wait_ms(300, held=1, missing=3, oldest_age_ms=0, next_in_ms=400) == 0      # a serial cloud's gap
+
+
+def test_cadence():
+    from common.coalesce import Cadence
+    c = Cadence()
+    assert c.next_in_ms() is None
+    c.item(True)
+    time.sleep(0.05)
+    c.item(True)
+    assert 20 < c.gap_ms < 200 and c.next_in_ms() <= c.gap_ms
+    c.item(False)                      # nothing more outstanding: the silence that follows is no gap
+    assert c.next_in_ms() is None
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_in_engine_step_answers_share_a_frame(batching):
+    """An in-engine cloud (the real DraftBoard, a simulated engine) answers a step's rounds together: with
+    the switch on, the 8 sessions of one far link get their step's answers in one frame."""
+    from cloud.backends.simulated_engine import SimulatedEngine, target_token
+    cfg = load_config(overrides={"switches.rtt_batching": batching})
+    n = 8
+
+    def nxt(last):
+        return target_token(None, last, 1000)
+
+    async def main():
+        backend = SimulatedEngine(step_s=0.02)
+        verifier = Verifier(backend, cfg.cloud, cfg.switches)
+        runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url + "/v1/ws") as ws:
+                first = [{"session_id": f"s{i}", "seq": 0, "base_len": 0, "append": [10 * i + 1, 10 * i + 2],
+                          "draft": [nxt(10 * i + 2)], "rtt_ms": 500.0} for i in range(n)]
+                await ws.send_str(batch_frame([json.dumps(r) for r in first]))
+                _, got = await answers_of(ws, n)
+                held = {a["session_id"]: a for a in got}
+                second = []
+                for i, r in enumerate(first):
+                    a = held[f"s{i}"]
+                    ctx = r["append"] + r["draft"][:a["accepted"]] + [a["next_token"]]
+                    second.append({"session_id": f"s{i}", "seq": 1, "base_len": len(ctx),
+                                   "draft": [nxt(ctx[-1])], "rtt_ms": 500.0})
+                await ws.send_str(batch_frame([json.dumps(r) for r in second]))
+                frames, got = await answers_of(ws, n)
+                assert all(a["accepted"] == 1 for a in got), got
+                return frames
+        finally:
+            await runner.cleanup()
+            backend.close()
+    frames = asyncio.run(main())
+    assert frames == 1 if batching else frames == n
