@@ -51,6 +51,14 @@ class _Acceptances(NamedTuple):
     lookup: Acceptance
 
 
+def _sent(coro) -> asyncio.Task:
+    """A round's verify call as a task; an answer nobody waits for any more (a dropped round's 412, a round
+    in flight when the answer ended) is taken here, not reported as never retrieved."""
+    task = asyncio.create_task(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
 async def _settled(task: asyncio.Task) -> None:
     """Wait for a dropped round's answer (a 412, or any error): only that it has landed matters."""
     try:
@@ -241,7 +249,7 @@ class Generator:
                                             draft=d.tokens, draft_dists=d.dists, sampling=sampling,
                                             reuse_cache=self.reuse_kv, rtt_ms=self.link.rtt_ms,
                                             prompt_len=n_prompt if cloud_len == 0 else None)
-                        fly = _Flight(list(context), d, None, asyncio.create_task(self.link.verify(req)),
+                        fly = _Flight(list(context), d, None, _sent(self.link.verify(req)),
                                       cloud_len == 0)
                 # 2. While it flies: draft the round after it (draft-ahead; round 0's first draft with a
                 # parallel prefill), as if it accepts its whole draft and the target then says `guess`.
@@ -358,7 +366,7 @@ class Generator:
             req = VerifyRequest(session_id=sid, seq=n + 1, base_len=len(base) + 1, draft=draft.tokens,
                                 draft_dists=draft.dists, sampling=sampling, reuse_cache=self.reuse_kv,
                                 rtt_ms=self.link.rtt_ms, guess=guess)
-            task = asyncio.create_task(self.link.verify(req))
+            task = _sent(self.link.verify(req))
         return _Flight(base + [guess], draft, guess, task, False)
 
     async def _until_cloud_back(self, seq, context, limit, sampling, rng):
