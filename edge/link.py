@@ -59,6 +59,7 @@ log = logging.getLogger("tandem.edge.link")
 # what a resend can cure: no connection, a dropped one, a timeout (5xx answers are handled apart)
 RETRYABLE = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
 JSON = {"Content-Type": "application/json"}
+SESSION_IDLE_S = 10.0     # a session that sent no round for this long no longer counts as drafting (coalescing)
 
 
 class _Channel:
@@ -84,9 +85,11 @@ class _Channel:
         self.link.count_frame("out", len(text), messages)
 
     def _missing(self) -> int:
-        """Sessions of this edge generating now with no round on the wire (still drafting)."""
+        """Sessions of this edge generating now with no round on the wire (still drafting): those that sent
+        a round lately (a session that ended without a drop, e.g. while the cloud was down, ages out)."""
         busy = {key[0] for key in self.waiting}
-        return len(self.link.sessions - busy)
+        since = time.monotonic() - SESSION_IDLE_S
+        return sum(1 for sid, t in self.link.sessions.items() if t >= since and sid not in busy)
 
     async def ping(self) -> None:
         """One WebSocket ping; its pong is an RTT sample (the reader takes it)."""
@@ -176,7 +179,7 @@ class CloudLink:
         self.cfg = cfg
         self.coalesce = coalesce           # None: every round its own frame (switches.rtt_batching off)
         self.rtt = RttEstimator()
-        self.sessions: set[str] = set()    # sessions that sent rounds and have not been dropped
+        self.sessions: dict[str, float] = {}   # sessions that sent rounds, not dropped -> last sent (monotonic)
         self.hold_counts = [0] * len(HOLD_BUCKETS_MS)   # rounds by how long they waited for company
         self.frames = {"frames_out": 0, "bytes_out": 0, "rounds_out": 0, "frames_in": 0, "bytes_in": 0, "answers_in": 0}
         self.up = False                   # the cloud answers (False until the first probe says so)
@@ -322,7 +325,10 @@ class CloudLink:
             req = req.model_copy(update={"rttvar_ms": self.rttvar_ms})
         text = req.model_dump_json(exclude_none=True)
         key = (req.session_id, req.seq)
-        self.sessions.add(req.session_id)
+        now = time.monotonic()
+        if len(self.sessions) > 4 * self.cfg.max_sessions:       # forget the ones long gone
+            self.sessions = {sid: t for sid, t in self.sessions.items() if now - t < SESSION_IDLE_S}
+        self.sessions[req.session_id] = now
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
@@ -503,7 +509,7 @@ class CloudLink:
     async def drop(self, session_id: str) -> None:
         """Tell the cloud to forget a session: best effort, in the background (the cloud also
         evicts idle sessions), so an ending session does not wait for it."""
-        self.sessions.discard(session_id)
+        self.sessions.pop(session_id, None)
         if not self.up or self._session is None:
             return
         task = asyncio.create_task(self._delete(session_id), name="tandem-link-drop")
