@@ -246,6 +246,13 @@ def load_traces(path) -> list[dict]:
                 r["id"], r["set"] = meta[i]["id"], meta[i]["set"]
             else:
                 r["id"], r["set"] = f"trace{i}", "unknown"
+    texts = None
+    for r in rows:                       # the user's message, for real edges (their OpenAI API takes text)
+        if "text" not in r and r["set"] in ("humaneval", "mtbench"):
+            if texts is None:
+                from common import prompts
+                texts = {p.id: p.text for n in ("humaneval", "mtbench") for p in prompts.dataset(n)}
+            r["text"] = texts.get(r["id"])
     return rows
 
 
