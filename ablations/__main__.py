@@ -10,8 +10,15 @@
 
 --set KEY=VALUE: a key under the experiment's own fields (workload.*, links, repeats, matrix.*, ...)
 changes the experiment; any other key is a Tandem config override applied to every row (a row's own
-overrides win). Each cell starts the cloud, the link emulator and the edge as processes; see
-ablations/runner.py.
+overrides win). Each cell starts the link emulator and the edge as processes, the cloud kept across cells
+of one cloud configuration; see ablations/runner.py.
+
+The modules: experiment.py (an experiment file, its cells) -> runner.py (the cells' processes, via
+processes.py; the links, linkemu.py; the benchmark, bench.py) -> report.py (JSON -> Markdown, PNG).
+population.py runs `kind: population | goodput` files (users replayed by replay.py beside real edges;
+population_report.py draws them). device.py: what only the GPU runs need (staged models, model shapes);
+a file's `device:` block pins processes to CPUs and runs cells on parallel edge lanes. gpu_vllm.py and
+gpu_report.py: the GPU engine jobs and their report (results/gpu_vllm.md).
 """
 from __future__ import annotations
 
