@@ -334,6 +334,11 @@ async def replay_user(user: dict, epoch_perf: float) -> dict:
             await asyncio.wait_for(work, user.get("deadline_s"))
         except asyncio.TimeoutError:             # cut at its deadline: what it received so far counts
             o.finish_reason = "deadline"
+            if user["system"] == "tandem":       # free its seat now (an in-engine cloud would wait for its draft)
+                with contextlib.suppress(Exception):
+                    async with http.delete(f"{url}/v1/sessions/{user['sid']}",
+                                           timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        await r.read()
         except Exception as e:  # noqa: BLE001 - a connection error: this user's request failed
             o.error = o.error or (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     if not o.error:

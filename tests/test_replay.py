@@ -105,3 +105,15 @@ def test_replayed_user_resyncs_after_409(table_backend):
     r = with_cloud(table_backend, body)
     assert r["tokens"] == TRACE["fallback"] and r["output"]["success"]
     assert r["output"]["figures"]["resyncs"] == 1 and r["output"]["figures"]["rounds"] == 3
+
+
+def test_a_user_cut_at_its_deadline_counts_what_it_got_and_frees_its_session(table_backend):
+    async def body(url, verifier):
+        u = user(url, "tandem", deadline_s=0.5, trace={k: [d, 200.0] for k, (d, _) in TRACE["trace"].items()})
+        got = (await replay.run_users_here([u], time.perf_counter()))[0]
+        await asyncio.sleep(0.3)                          # the DELETE crosses the link
+        return got, u["sid"] in verifier.sessions
+    r, still_there = with_cloud(table_backend, body)
+    o = RequestOutput(**r["output"])
+    assert o.finish_reason == "deadline" and o.success and 0 < o.output_tokens < 10
+    assert o.latency == 0.5 and o.chunk_times[-1] < 0.5 and not still_there
