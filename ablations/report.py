@@ -155,7 +155,10 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     rows = [r for r in result["rows"] if not r.get("error")]
     if not specs or not rows:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:                  # a machine without it (the GPU device): `report NAME` draws it elsewhere
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = list(dict.fromkeys(r["row"] for r in rows))
