@@ -594,12 +594,14 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
             bar.set_postfix_str(f"{cell.row} @ {cell.link or 'no link'}")
             bar.update()
 
-    def lane_worker(lane: int, queue: list[Cell]) -> None:
+    def lane_worker(lane: int, queue: list[Cell], cloud_ready: threading.Event) -> None:
         while not stop.is_set():
             with lock:
                 if not queue:
                     return
                 cell = queue.pop(0)
+            if cell.needs_cloud:
+                cloud_ready.wait()
             one(cell, lane, shared=True)
 
     try:
@@ -608,18 +610,22 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
                 for cell in wave:
                     one(cell, 0, shared=False)
                 continue
-            # longest first (the highest RTT), so the lanes end together
-            queue = sorted(wave, key=lambda c: -(c.rtt_ms or 0.0))
-            first = next((c for c in wave if c.needs_cloud), None)
-            if first is not None:
-                try:
-                    pool.prepare(first)     # from this thread, which outlives the lanes' threads
-                except ProcessFailed as e:
-                    tqdm.write(f"cloud failed to start: {e}", file=sys.stderr)   # the cells will say so too
-            threads = [threading.Thread(target=lane_worker, args=(i, queue), daemon=True)
+            # the cells without a cloud first (they run while the cloud starts; local_target, the slowest,
+            # first of them), then the highest RTT first, so that the lanes end together
+            queue = sorted(wave, key=lambda c: (c.needs_cloud, c.mode != "local_target", -(c.rtt_ms or 0.0)))
+            cloud_ready = threading.Event()
+            threads = [threading.Thread(target=lane_worker, args=(i, queue, cloud_ready), daemon=True)
                        for i in range(min(len(place.edges), len(wave)))]
             for t in threads:
                 t.start()
+            first = next((c for c in wave if c.needs_cloud), None)
+            try:
+                if first is not None:
+                    pool.prepare(first)     # from this thread, which outlives the lanes' threads
+            except ProcessFailed as e:
+                tqdm.write(f"cloud failed to start: {e}", file=sys.stderr)   # the cells will say so too
+            finally:
+                cloud_ready.set()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)
