@@ -117,7 +117,7 @@ def write(result: dict, out: Path) -> None:
     lines = [f"# {name}: what the network-aware prompt does to answer length per user RTT class", "",
              f"`{m['command']}` at commit {m['commit']}, {m['date']}, {m['machine']}; load average at start "
              f"{m.get('load_at_start')}, at end {m.get('load_end')}; {m.get('duration_s')} s.", "",
-             m["real"], "",
+             m["real"], "", *([m["note"], ""] if m.get("note") else []),
              f"{c['num_prompts']} held-out MT-Bench prompts, the same ones for every class, max_tokens "
              f"{c['max_tokens']}, model {c['gguf']} ({c['model']}), up to {c['max_concurrency']} requests at once.", "",
              "| switch | user RTT (ms) | status | answers | mean tokens | median tokens | at max_tokens | median on/off per prompt |",
@@ -126,6 +126,8 @@ def write(result: dict, out: Path) -> None:
         rtt = "any" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}"
         lines.append(f"| {r['switch']} | {rtt} | {r['status']} | {r['answers']} | {r['mean_completion_tokens']} "
                      f"| {r['median_completion_tokens']} | {r['at_max_tokens']} | {r['median_ratio_on_off'] or '-'} |")
+    if result.get("findings"):
+        lines += ["", "**What it shows.** " + result["findings"]]
     lines += ["", "Switch off, the prompt does not depend on the RTT (tests/test_network_context.py: byte for byte), so "
               "each prompt ran once and its answer stands for every class. 'median on/off per prompt': each "
               "prompt's answer length with the switch on over its length off, the median over prompts. Answers "
