@@ -32,6 +32,12 @@ Request fields:
   anything else (tools, functions, n>1, logprobs, a JSON response_format, penalties, unknown names, ...)
              -> 400 invalid_request_error naming every such field; a typo is not silently ignored.
 
+Streams are paced by the user's RTT (switches.rtt_batching; edge/sse_pacer.py, common/coalesce.py): the
+`X-Client-RTT` header in ms (anything but a finite number >= 0: 400 invalid_value, param "X-Client-RTT"), else
+the kernel's RTT of the user's TCP socket (edge/user_rtt.py). Below 300 ms every chunk goes at once; above,
+up to 8 chunks (20 above 1 s) share one event, none held past its window; the first and the last never wait.
+The last chunk's `tandem.stream` says the RTT used and how many chunks went in how many events.
+
 A generation that fails after its first chunk was sent ends with a chunk whose finish_reason is
 "error" and which carries an OpenAI `error` object (the openai SDK raises APIError on it), then
 [DONE]; what was streamed before stands. Failing before any token: an HTTP error (502) instead.
