@@ -8,6 +8,7 @@ model alone: edge-only mode, or a fallback while the cloud is unreachable).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -38,6 +39,13 @@ class _Flight(NamedTuple):
     guess: Optional[int]
     task: Optional[asyncio.Task]
     fresh: bool                # it starts (or re-syncs) the cloud's session: its verify time includes a prefill
+
+
+def _draft_rng(seeds: np.random.SeedSequence, context: list[int], extra: int) -> np.random.Generator:
+    """The random stream of the draft for `context` (extra = 1: a draft-ahead draft, guess first)."""
+    digest = hashlib.blake2b(np.asarray(context, dtype=np.int64).tobytes(), digest_size=8).digest()
+    key = (int.from_bytes(digest, "little"), len(context), extra)
+    return np.random.default_rng(np.random.SeedSequence(seeds.entropy, spawn_key=key))
 
 
 def _lookup_draft(tokens: list[int], sampling: SamplingParams) -> Draft:
@@ -186,15 +194,17 @@ class Generator:
         """Edge-cloud rounds. One round is in flight at a time, plus (switches.draft_ahead) the next one,
         drafted while it flies as if it accepts everything and then the target says `guess`.
 
-        Exactness of sampled drafts with draft-ahead: every draft (fresh or ahead) draws its tokens from
-        a random stream of its own (a child of the session's SeedSequence), so a draft that is dropped
-        (412, or held and found stale) takes its randomness with it and no later draft reuses or skips
-        depending on it. A kept draft was drawn from q(. | the context it was drafted after) with
-        randomness independent of everything the cloud did, and it is kept only when the committed
-        context equals that context; so, given the committed context, its tokens are distributed as q,
-        the q sent with them, and the cloud's exact acceptance (cloud/acceptance.py) makes the committed
-        tokens the target's law. Which round is kept depends only on committed outcomes, never on the
-        dropped draft's values beyond its guess, and the guess only picks the context a draft is for.
+        Exactness of sampled drafts with draft-ahead: every draft draws its tokens from a random stream
+        of its own, keyed by the session's seed, the exact context it is drafted after and whether it
+        starts with a guess (_draft_rng). A draft that is dropped (412, or held and found stale, or
+        cancelled) was for a context the answer has left for good (the committed tokens part from it
+        within its length), so no later draft draws from its stream: its randomness, which decided its
+        guess and so whether it was dropped, goes with it. A kept draft was drawn from q(. | the
+        context it was drafted after) with randomness independent of everything the cloud did, and it
+        is kept only when the committed context equals that context; so, given the committed context,
+        its tokens are distributed as q, the q sent with them, and the cloud's exact acceptance
+        (cloud/acceptance.py) makes the committed tokens the target's law. Keying by context, not by
+        call order, also makes a seeded answer the same however the rounds' timing fell.
         Prompt-lookup tokens are one-hot proposals (edge/ngram.py), exact the same way."""
         sid, seeds = uuid.uuid4().hex, np.random.SeedSequence(sampling.seed)
         rng = np.random.default_rng(seeds.spawn(1)[0])          # edge-only tokens while the cloud is away
@@ -324,10 +334,10 @@ class Generator:
         prompt-lookup tokens first (switches.ngram_draft), then the model's. Adaptive: the best model
         draft (edge/draft_length.py) or, when a lookup finds tokens and its expected rate is higher, the
         best prefix of those. The model's drafts stop early where it is unsure (the confidence gate).
-        Each call draws its randomness from a stream of its own (see _speculate)."""
+        Its randomness comes from the stream of (seed, context, extra) (_draft_rng; see _speculate)."""
         dc = self.cfg.draft
         found = lookup(context, min(dc.max_k, room) + extra, dc.ngram_max_n, dc.ngram_min_n) if self.ngram else []
-        rng = np.random.default_rng(seeds.spawn(1)[0])
+        rng = _draft_rng(seeds, context, extra)
         if self.adaptive and self.drafter.step_ms is not None:
             t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
             k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k), room)

@@ -235,3 +235,13 @@ def test_speedup_vs_fixed_is_over_the_fixed_k4_row_at_the_same_link_and_dataset(
                                ("shipped", "rtt=200", 3.0), ("cloud_only", "rtt=200", None)]]
     speedup_rows(exp, rows)
     assert [r["speedup_vs_fixed"] for r in rows] == [1.0, 1.25, 1.0, 1.5, None]
+
+
+def test_a_seeded_sampled_answer_does_not_depend_on_the_rounds_timing():
+    """Draft randomness is keyed by the context a draft is for, not by call order: the same seed gives the
+    same answer whether the cloud answers at once (ahead drafts cut short) or slowly (ahead drafts sent)."""
+    cfg = _cfg(adaptive_draft=False, draft_ahead=True, ngram_draft=False, parallel_prefill=True)
+    sampled = lambda i: SamplingParams(temperature=1.0, seed=7 + (i == 2))     # noqa: E731
+    runs = [generate(cfg, [[1, 2, 3]] * 3, 24, sampled, delay_ms=ms)[0] for ms in (0.0, 15.0)]
+    fast, slow = ([toks for toks, _ in run] for run in runs)
+    assert fast[0] == fast[1] == slow[0] == slow[1] and fast[2] == slow[2] != fast[0]
