@@ -77,8 +77,8 @@ def _report(args, argv) -> int:
                              "(e.g. --out ablations/results)")
         path = found[-1]
     from ablations.runner import _command, _git, derive_rows
-    if (report.load(path).get("experiment") or {}).get("kind") in ("population", "goodput"):
-        from ablations import population_report
+    from ablations import population_report
+    if (population_report.load(path).get("experiment") or {}).get("kind") in ("population", "goodput"):
         for f in population_report.write(population_report.load(path), Path(args.out) if args.out else path.parent):
             print(f"wrote {f}", file=sys.stderr)
         return 0

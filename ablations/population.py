@@ -105,8 +105,8 @@ class PopulationExperiment(_Strict):
         from common.config import ConfigError, load_config
         if (self.population is None) == (self.goodput is None) or getattr(self, self.kind) is None:
             raise ValueError(f"kind {self.kind} needs a `{self.kind}:` section (and no other)")
-        if self.kind == "population" and set(self.matrix) != {"fifo", "health"}:
-            raise ValueError("a population experiment's matrix rows are fifo and health")
+        if self.kind == "population" and not {"fifo", "health"} <= set(self.matrix):
+            raise ValueError("a population experiment's matrix has the rows fifo and health (and may have more)")
         for label, row in self.matrix.items():
             try:
                 load_config(overrides={**self.base, **row.overrides})
@@ -381,11 +381,13 @@ def population_result(exp: PopulationExperiment, cells: dict[str, dict], meta: d
     for label, cell in cells.items():
         if "summary" in cell:
             res["policies"][label] = {k: v for k, v in cell["summary"].items()}
-    if {"fifo", "health"} <= set(res["policies"]):
-        res["worst_class_slowdown"] = worst_class_slowdown(res["policies"]["fifo"]["per_class"],
-                                                           res["policies"]["health"]["per_class"])["value"]
-        res["worst_class_slowdown_detail"] = worst_class_slowdown(res["policies"]["fifo"]["per_class"],
-                                                                  res["policies"]["health"]["per_class"])
+    pol = res["policies"]
+    if {"fifo", "health"} <= set(pol):
+        res["worst_class_slowdown"] = worst_class_slowdown(pol["fifo"]["per_class"], pol["health"]["per_class"])["value"]
+        res["worst_class_slowdown_detail"] = worst_class_slowdown(pol["fifo"]["per_class"], pol["health"]["per_class"])
+    if "fifo" in pol:                    # every other policy's, the same way (health: the figure above)
+        res["slowdown_vs_fifo"] = {label: worst_class_slowdown(pol["fifo"]["per_class"], p["per_class"])
+                                   for label, p in pol.items() if label != "fifo"}
     return res
 
 

@@ -10,6 +10,12 @@ import numpy as np
 from ablations.bench import RTT_CLASS_BOUNDS_MS, RTT_CLASSES
 
 POLICY_COLORS = {"fifo": "#1f77b4", "health": "#d62728"}
+MORE_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e"]
+
+
+def _color(policy: str, order: list[str]):
+    extra = [p for p in order if p not in POLICY_COLORS]
+    return POLICY_COLORS.get(policy) or MORE_COLORS[extra.index(policy) % len(MORE_COLORS)]
 
 
 def _num(v, fmt="{:.0f}"):
@@ -75,6 +81,12 @@ def population_md(result: dict) -> str:
         lines += [f"**Worst class slowdown** (p99 TPOT under health priority ÷ under FIFO, the largest over the classes): "
                   f"**{_num(result['worst_class_slowdown'], '{:.2f}')}** ({d.get('class')}); per class: "
                   + ", ".join(f"{c} {v:.2f}" for c, v in (d.get("per_class") or {}).items()), ""]
+    for label, d in (result.get("slowdown_vs_fifo") or {}).items():
+        if label != "health":
+            over = exp["matrix"][label]["overrides"]
+            lines += [f"Policy {label} ({', '.join(f'{k}={v}' for k, v in over.items())}): worst class slowdown vs FIFO "
+                      f"**{_num(d.get('value'), '{:.2f}')}** ({d.get('class')}); per class: "
+                      + ", ".join(f"{c} {v:.2f}" for c, v in (d.get("per_class") or {}).items()), ""]
     lines += ["| policy | effective tok/s | completed | failed | makespan s |", "|---|---|---|---|---|"]
     for p, s in pol.items():
         lines.append(f"| {p} | {_num(s.get('effective_tok_s'), '{:.2f}')} | {s.get('completed')} | {s.get('failed')} | "
@@ -112,10 +124,11 @@ def population_png(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     (a_cloud, a_client, a_gap, a_eff), (a_ttft, a_tpot, a_slow, a_text) = axes
     cum = {}
+    order = list(pol)
     for p, s in pol.items():
         tl = s["timeline"]
         t, w = np.array(tl["t"]) + tl["window_s"] / 2, tl["window_s"]
-        color = POLICY_COLORS.get(p)
+        color = _color(p, order)
         a_cloud.plot(t, np.array(tl["cloud_tokens"]) / w, label=p, color=color)
         a_client.plot(np.array(tl["t"]) + w, np.cumsum(tl["client_tokens"]), label=p, color=color)
         a_eff.plot(t, np.array(tl["client_tokens"]) / w, label=p, color=color)
@@ -137,23 +150,33 @@ def population_png(result: dict, path: Path) -> None:
             ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
     x = np.arange(len(RTT_CLASSES))
+    bw = 0.8 / max(len(pol), 1)
     for ax, metric, title in ((a_ttft, "ttft", "TTFT per RTT class"), (a_tpot, "tpot", "TPOT per RTT class")):
         for i, (p, s) in enumerate(pol.items()):
             p50 = [s["per_class"][c][f"{metric}_ms_p50"] or 0 for c in RTT_CLASSES]
             p99 = [s["per_class"][c][f"{metric}_ms_p99"] or 0 for c in RTT_CLASSES]
-            ax.bar(x + (i - 0.5) * 0.38, p50, 0.38, color=POLICY_COLORS.get(p), alpha=0.8, label=f"{p} p50")
-            ax.scatter(x + (i - 0.5) * 0.38, p99, marker="_", s=300, color="k", zorder=3,
-                       label="p99" if i == 0 else None)
+            at = x + (i - (len(pol) - 1) / 2) * bw
+            ax.bar(at, p50, bw, color=_color(p, order), alpha=0.8, label=f"{p} p50")
+            ax.scatter(at, p99, marker="_", s=300 * bw / 0.4, color="k", zorder=3, label="p99" if i == 0 else None)
         ax.set_xticks(x, [f"{c}\n({pol[next(iter(pol))]['per_class'][c]['users']} users)" for c in RTT_CLASSES]
                       if pol else RTT_CLASSES, fontsize=8)
         ax.set(title=title, ylabel="ms")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    d = result.get("worst_class_slowdown_detail") or {}
-    per = d.get("per_class") or {}
-    a_slow.bar(list(per), list(per.values()), color=["#d62728" if c == d.get("class") else "#999999" for c in per])
+    sl = result.get("slowdown_vs_fifo") or {}
+    if not sl and result.get("worst_class_slowdown_detail"):
+        sl = {"health": result["worst_class_slowdown_detail"]}
+    n = max(len(sl), 1)
+    for i, (p, d) in enumerate(sl.items()):
+        per = d.get("per_class") or {}
+        at = np.array([RTT_CLASSES.index(c) for c in per]) + (i - (n - 1) / 2) * (0.8 / n)
+        a_slow.bar(at, list(per.values()), 0.8 / n, color=_color(p, order), label=f"{p} (worst: {d.get('class')})",
+                   edgecolor=["k" if c == d.get("class") else "none" for c in per], linewidth=1.5)
+    a_slow.set_xticks(x, RTT_CLASSES, fontsize=8)
     a_slow.axhline(1.0, color="k", lw=0.8)
-    a_slow.set(title="p99 TPOT, health ÷ FIFO (worst class red)", ylabel="slowdown ×")
+    if sl:
+        a_slow.legend(fontsize=8)
+    a_slow.set(title="p99 TPOT ÷ FIFO's, per class (worst outlined)", ylabel="slowdown ×")
     a_slow.grid(alpha=0.3, axis="y")
     a_text.axis("off")
     m = result["meta"]

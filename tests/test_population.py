@@ -61,5 +61,5 @@ def test_experiment_files_load(name):
 def test_bad_population_file_names_the_key(tmp_path):
     bad = (EXPERIMENTS / "population.yaml").read_text().replace("  fifo:", "  lifo:")
     (tmp_path / "x.yaml").write_text(bad)
-    with pytest.raises(ExperimentError, match="fifo and health"):
+    with pytest.raises(ExperimentError, match="the rows fifo and health"):
         population.load(tmp_path / "x.yaml")
