@@ -55,7 +55,8 @@ def _list(args) -> int:
     from ablations.experiment import ExperimentError, experiment_files, load_experiment
     for path in experiment_files():
         try:
-            exp = load_experiment(path)
+            from ablations import population
+            exp = population.load(path) if population.kind_of(path) else load_experiment(path)
             print(f"{exp.name:<16} {exp.question}  ({path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path})")
         except ExperimentError as e:
             print(f"{path.stem:<16} INVALID: {e}")
