@@ -137,14 +137,18 @@ def population_png(result: dict, path: Path) -> None:
                 ylabel="tokens/s")
     a_client.set(title="Tokens delivered at the clients (the users' view)", xlabel="time (s)", ylabel="tokens, cumulative")
     a_eff.set(title="Effective throughput (delivered at the clients)", xlabel="time (s)", ylabel="tokens/s")
-    if {"fifo", "health"} <= set(cum):
-        (tf, cf, gf), (th, ch, gh) = cum["fifo"], cum["health"]
-        grid = np.union1d(tf, th)
-        a_gap.plot(grid, np.interp(grid, th, ch) - np.interp(grid, tf, cf), label="delivered at the clients", color="k")
-        a_gap.plot(grid, np.interp(grid, th, gh) - np.interp(grid, tf, gf), label="generated at the cloud",
-                   color="gray", ls="--")
+    if "fifo" in cum:
+        tf, cf, gf = cum["fifo"]
+        for p, (th, ch, gh) in cum.items():
+            if p == "fifo":
+                continue
+            grid = np.union1d(tf, th)
+            a_gap.plot(grid, np.interp(grid, th, ch) - np.interp(grid, tf, cf), color=_color(p, order),
+                       label=f"{p} − fifo, delivered at the clients")
+            a_gap.plot(grid, np.interp(grid, th, gh) - np.interp(grid, tf, gf), color=_color(p, order), ls=":",
+                       label=f"{p} − fifo, generated at the cloud")
         a_gap.axhline(0, color="gray", lw=0.5)
-    a_gap.set(title="Gap between the policies (health − FIFO)", xlabel="time (s)", ylabel="tokens, cumulative")
+    a_gap.set(title="Gap between the policies (− FIFO)", xlabel="time (s)", ylabel="tokens, cumulative")
     for ax in (a_cloud, a_client, a_eff, a_gap):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
