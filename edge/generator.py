@@ -330,7 +330,8 @@ class Generator:
     async def _draft(self, seq, context, room, extra, sampling, seeds, acc: "_Acceptances") -> Draft:
         """`extra` + k tokens after `context`, k at most `room` (extra: draft-ahead's guess, drafted first).
 
-        Fixed (adaptive_draft off, or before the drafter has timed a step): k = draft.max_k (FIRST_K),
+        Fixed (adaptive_draft off; or on, before the drafter has timed a step and for seeded sampling,
+        which must reproduce whatever the timing): k = draft.max_k (FIRST_K),
         prompt-lookup tokens first (switches.ngram_draft), then the model's. Adaptive: the best model
         draft (edge/draft_length.py) or, when a lookup finds tokens and its expected rate is higher, the
         best prefix of those. The model's drafts stop early where it is unsure (the confidence gate).
@@ -338,7 +339,10 @@ class Generator:
         dc = self.cfg.draft
         found = lookup(context, min(dc.max_k, room) + extra, dc.ngram_max_n, dc.ngram_min_n) if self.ngram else []
         rng = _draft_rng(seeds, context, extra)
-        if self.adaptive and self.drafter.step_ms is not None:
+        # A seeded sampled answer must come out the same every time: its draft lengths may not depend on
+        # timing (the rounds' boundaries decide which of the cloud's random draws meets which token).
+        reproducible = sampling.seed is not None and not sampling.greedy
+        if self.adaptive and self.drafter.step_ms is not None and not reproducible:
             t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
             k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k), room)
             if len(found) > extra:
