@@ -19,6 +19,7 @@ import numpy as np
 from cloud.acceptance import accept_draft, next_token
 from cloud.backends.base import Backend, DraftStale, SessionEnded
 from cloud.stats import CloudStats
+from cloud.verify_batcher import VerifyBatcher
 from common.config import CloudConfig, Switches
 from common.protocol import REPLAY_ROUNDS, GenerateRequest, Timing, VerifyRequest, VerifyResponse
 from common.scheduling import AdmissionQueue, priority
@@ -71,6 +72,10 @@ class Verifier:
         self.queue = AdmissionQueue(backend.max_inflight, cfg.priority_aging_per_s, by_health=switches.health_priority)
         if backend.verifies:
             backend.set_order(self.queue.key)   # the engine's scheduler orders sessions by the same key
+        # switches.batched_verify: calls waiting together go in one backend call (cloud/verify_batcher.py)
+        self.batcher = (VerifyBatcher(backend, self.queue, backend.max_batch)
+                        if switches.batched_verify and hasattr(backend, "logits_many") and not backend.exact
+                        and backend.max_inflight == 1 else None)
 
     # --- sessions ------------------------------------------------------------------------------
     def _session(self, sid: str, create: bool, client: Optional[str] = None) -> Optional[Session]:
@@ -159,6 +164,8 @@ class Verifier:
                        committed_len=len(s.tokens), last_seq=s.last_seq)
 
     async def _logits(self, sid: str, tokens: list[int], n_logits: int, reuse: bool, rtt_ms, **exact_kw):
+        if self.batcher is not None and not exact_kw:
+            return await self.batcher.logits(sid, tokens, n_logits, reuse, rtt_ms)
         t0 = time.perf_counter()
         async with self.queue.slot(rtt_ms):
             t1 = time.perf_counter()

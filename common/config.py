@@ -183,6 +183,8 @@ class Switches(_Section):
     network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
                                      # (edge/network_context.py)
     rtt_batching: bool = True        # common/coalesce.py from_config: off = every message its own frame / SSE event
+    batched_verify: bool = False     # cloud/verifier.py Verifier.__init__: on = a CPU cloud verifies the rounds waiting
+                                     # together in one llama_decode (cloud/verify_batcher.py)
     adaptive_draft: bool = True      # edge/generator.py Generator.__init__: k per round from RTT, costs and acceptance
                                      # (edge/draft_length.py); off = always draft.max_k
     draft_ahead: bool = True         # edge/generator.py Generator.__init__: draft round r+1 while r is in flight, send it

@@ -11,6 +11,7 @@ import numpy as np
 
 from cloud.backends.base import Backend
 from common.llama_runtime import LlamaRunner
+from common.tokens import common_prefix
 
 
 class LlamaCppBackend(Backend):
@@ -39,6 +40,30 @@ class LlamaCppBackend(Backend):
             self.prompt_lens[session_id] = prompt_len or len(tokens) - n_logits + 1
         return self.runner.extend_to(tokens, n_logits, reuse=reuse, seq=self._seq(session_id),
                                      exact=self.exact, prompt_len=self.prompt_lens[session_id])
+
+    @property
+    def max_batch(self) -> int:
+        """Sessions one logits_many call may hold: one sequence each, none handed to another mid-batch."""
+        return self.runner.n_seq
+
+    def logits_many(self, calls: list[tuple[str, list[int], int, bool]]) -> list[tuple[np.ndarray, int]]:
+        """logits() of several sessions' rounds at once (switches.batched_verify; not in exact mode): each
+        session's sequence is rolled back to its longest cached prefix, and every sequence's missing tokens
+        go in one llama_decode (common/llama_runtime.py decode_batch). calls: (session_id, tokens,
+        n_logits, reuse), distinct sessions, at most max_batch."""
+        if self.exact:
+            raise RuntimeError("exact mode evaluates each token alone: no batched verification")
+        if len(calls) > self.max_batch or len({c[0] for c in calls}) != len(calls):
+            raise ValueError(f"logits_many takes up to {self.max_batch} calls of distinct sessions")
+        work, kept = [], []
+        for session_id, tokens, n_logits, reuse in calls:
+            seq = self._seq(session_id)
+            held = self.runner.seq_tokens[seq]
+            keep = max(min(common_prefix(held, tokens), len(tokens) - n_logits), 0) if reuse else 0
+            self.runner.rollback(keep, seq)
+            work.append((seq, tokens[keep:], n_logits))
+            kept.append(keep)
+        return list(zip(self.runner.decode_batch(work), kept))
 
     def drop(self, session_id: str) -> None:
         # Only forget the mapping: a sequence is cleared when it is handed out again, inside a logits
