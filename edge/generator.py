@@ -4,6 +4,11 @@ fallback that keeps an answer going edge-only while the cloud is away.
 Every committed token carries its provenance: "draft" (drafted here, accepted by the target),
 "target" (the target's own token: a correction, a bonus, or cloud-only output) or "edge" (the draft
 model alone: edge-only mode, or a fallback while the cloud is unreachable).
+
+Edge-cloud drafting adapts to the link, each part behind its own switch (read in Generator.__init__):
+the draft length (adaptive_draft, edge/draft_length.py), rounds drafted and sent while the one before is
+in flight (draft_ahead), prompt-lookup drafts (ngram_draft, edge/ngram.py) and round 0 sent with the
+prompt alone so both sides prefill at once (parallel_prefill). _speculate says why sampling stays exact.
 """
 from __future__ import annotations
 
