@@ -120,9 +120,9 @@ def test_in_engine_near_session_is_seated_before_an_earlier_far_one():
 
 
 def test_in_engine_far_session_is_seated_within_the_aging_bound():
-    # 'far' waits from t=0. 'near1' arrives within the overtake window (0.1 s at 10,000 units/s) and
+    # 'far' waits from t=0. 'near1' arrives within the overtake window (0.5 s at 2,000 units/s) and
     # may go first; 'near2' arrives after it and may not, however much healthier its link.
-    aging = 10_000.0
+    aging = 2_000.0
     window = overtake_window_s(aging)
     arrivals = [("far", 700.0, 0.0), ("near1", 20.0, 0.02), ("near2", 20.0, window + 0.1)]
     frees = [window + 0.2, window + 0.3, window + 0.4]
