@@ -47,7 +47,7 @@ class DraftConfig(_Section):
     n_ctx: int = Field(4096, ge=256)
     n_threads: int = Field(0, ge=0)          # 0: all cores
     ngram_max_n: int = Field(3, ge=1, le=16)  # switches.ngram_draft: longest suffix looked up in the context
-    ngram_min_n: int = Field(1, ge=1, le=16)  # ... and the shortest that still counts as a match
+    ngram_min_n: int = Field(2, ge=1, le=16)  # ... and the shortest that still counts as a match
 
     @model_validator(mode="after")
     def _bounds(self):

@@ -55,6 +55,7 @@ class _Job:
     seq: int
     context: list[int]
     max_k: int                          # 0: edge-only, one token sampled as the target would (next_token)
+    min_k: int                          # the confidence gate may stop the draft once it has this many
     sampling: SamplingParams
     rng: np.random.Generator
     reuse_kv: bool
@@ -94,18 +95,20 @@ class Drafter:
 
     # --- the asyncio side ------------------------------------------------------------------------
     async def draft(self, seq: int, context: list[int], max_k: int, sampling: SamplingParams,
-                    rng: np.random.Generator, reuse_kv: bool = True) -> Draft:
-        """Up to max_k draft tokens after `context`, on sequence `seq` (stops early when unsure)."""
-        return await self._submit(seq, context, max_k, sampling, rng, reuse_kv)
+                    rng: np.random.Generator, reuse_kv: bool = True, min_k: Optional[int] = None) -> Draft:
+        """Up to max_k draft tokens after `context`, on sequence `seq` (stops early when unsure, but not
+        before min_k tokens: draft.min_k unless given)."""
+        return await self._submit(seq, context, max_k, sampling, rng, reuse_kv, min_k)
 
     async def next_token(self, seq: int, context: list[int], sampling: SamplingParams,
                          rng: np.random.Generator, reuse_kv: bool = True) -> int:
         """The draft model's own next token, sampled as the target alone samples (edge-only)."""
-        return await self._submit(seq, context, 0, sampling, rng, reuse_kv)
+        return await self._submit(seq, context, 0, sampling, rng, reuse_kv, 0)
 
-    async def _submit(self, seq, context, max_k, sampling, rng, reuse_kv):
+    async def _submit(self, seq, context, max_k, sampling, rng, reuse_kv, min_k):
         loop = asyncio.get_running_loop()
-        job = _Job(seq, list(context), max_k, sampling, rng, reuse_kv, loop.create_future(), loop)
+        job = _Job(seq, list(context), max_k, self.cfg.min_k if min_k is None else min_k, sampling, rng, reuse_kv,
+                   loop.create_future(), loop)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the drafter is closed")
@@ -183,7 +186,7 @@ class Drafter:
             job.finish(next_token(row, job.sampling, job.rng))
             return True
         conf = self.confidence(row)
-        if self.gated and len(job.tokens) >= self.cfg.min_k and conf < self.threshold:
+        if self.gated and len(job.tokens) >= job.min_k and conf < self.threshold:
             return self._done(job)
         if job.sampling.greedy:
             tok = int(np.argmax(row))

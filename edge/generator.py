@@ -349,18 +349,20 @@ class Generator:
         reproducible = sampling.seed is not None and not sampling.greedy
         if self.adaptive and self.drafter.step_ms is not None and not reproducible:
             t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
-            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k), room)
+            ahead = self.draft_ahead
+            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k, 0, ahead), room)
             if len(found) > extra:
-                m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra)
-                if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify)
-                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify)):
+                m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra, 0, ahead)
+                if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify, ahead)
+                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify, ahead)):
                     return _lookup_draft(found[:extra + m], sampling)
-            return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv)
+            return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv, extra + dc.min_k)
         want = extra + min(dc.max_k if not self.adaptive else max(dc.min_k, min(dc.max_k, FIRST_K)), room)
         found = found[:want]
         if len(found) >= want:
             return _lookup_draft(found, sampling)
-        d = await self.drafter.draft(seq, context + found, want - len(found), sampling, rng, self.reuse_kv)
+        d = await self.drafter.draft(seq, context + found, want - len(found), sampling, rng, self.reuse_kv,
+                                     max(dc.min_k + extra - len(found), 1))
         if not found:
             return d
         return Draft(found + d.tokens, None if sampling.greedy else one_hot(found) + d.dists,

@@ -117,7 +117,7 @@ class RuleDrafter:
     def __init__(self):
         self.calls = 0
 
-    async def draft(self, seq, context, k, sampling, rng, reuse_kv=True):
+    async def draft(self, seq, context, k, sampling, rng, reuse_kv=True, min_k=None):
         self.calls += 1
         await asyncio.sleep(self.step_ms * k / 1e3)
         toks, dists, last = [], [], context[-1]
