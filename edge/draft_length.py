@@ -12,7 +12,8 @@ model, as Leviathan et al. 2023), the round commits the accepted prefix plus the
     E[tau(k)] = sum_{i=0..k} alpha^i = (1 - alpha^(k+1)) / (1 - alpha)
 
 A far link (RTT large beside k * t_draft) pays for a round mostly in RTT, so the best k grows; a low
-alpha makes the extra tokens worth little, so it shrinks. The confidence gate may still stop a draft
+alpha makes the extra tokens worth little, so it shrinks. With draft-ahead a round's drafting hides
+behind the flight of the one before whenever that one holds (round_rate). The confidence gate may still stop a draft
 before k.
 
 The inputs are estimated online:
@@ -50,20 +51,28 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms) -> float:
-    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms."""
+def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, ahead: bool = False) -> float:
+    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms.
+
+    ahead (switches.draft_ahead): the round after this one is drafted while this one flies. When this
+    one accepts all k and then the guess (p = alpha^(k+1)), that round is on the wire already and the
+    cycle is max(draft, flight); otherwise the edge drafts afresh after the answer, draft + flight:
+        cost = p * max(draft, RTT + t_verify) + (1 - p) * (draft + RTT + t_verify)"""
     alpha = min(max(alpha, 0.0), ALPHA_MAX)
-    return expected_tokens(alpha, k) / max(draft_ms + rtt_ms + verify_ms(k), 1e-3)
+    flight = rtt_ms + verify_ms(k)
+    p = alpha ** (k + 1) if ahead else 0.0
+    cost = p * max(draft_ms, flight) + (1 - p) * (draft_ms + flight)
+    return expected_tokens(alpha, k) / max(cost, 1e-3)
 
 
 def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms, min_k: int, max_k: int,
-                      free: int = 0) -> int:
-    """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k)).
-    verify_ms: k -> the cloud's compute ms for a k-token draft. `free`: draft tokens that cost no
-    drafting (a prompt lookup's). Ties go to the shorter draft."""
+                      free: int = 0, ahead: bool = False) -> int:
+    """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k))
+    (with draft-ahead, the cost of round_rate). verify_ms: k -> the cloud's compute ms for a k-token
+    draft. `free`: draft tokens that cost no drafting (a prompt lookup's). Ties go to the shorter draft."""
     best_k, best_rate = min_k, -1.0
     for k in range(min_k, max_k + 1):
-        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms)
+        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms, ahead)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
