@@ -27,7 +27,8 @@ The inputs are estimated online:
             k steps whatever the others do: the step, not the step / sessions, is its cost per token.
   t_verify  per link: a line c0 + c1 * (k + 1) fitted to the cloud's reported compute ms against the
             positions it verified (weighted least squares with forgetting): flat on a GPU, rising on a
-            CPU cloud. Until k has varied the line is flat at the mean.
+            CPU cloud. Until k has spread (standard deviation >= 1) the line is flat at the mean: a
+            slope from k in {1, 2} alone was noise that kept k at 1.
   RTT       the link's RFC 6298 SRTT (edge/link.py).
 
 Prompt lookup (switches.ngram_draft) is a second draft source with an alpha of its own (a session's
@@ -113,5 +114,5 @@ class VerifyCost:
             return 0.0
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        slope = max((self.sxy / self.w - mx * my) / var, 0.0) if var > 0.25 else 0.0   # k varied by < 1: flat
+        slope = max((self.sxy / self.w - mx * my) / var, 0.0) if var >= 1.0 else 0.0   # k spread < 1: flat
         return max(my + slope * (k + 1 - mx), 0.0)
