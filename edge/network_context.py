@@ -31,11 +31,12 @@ EXCELLENT_BELOW_MS = 100
 POOR_ABOVE_MS = 300
 
 SYSTEM_INSTRUCTION = (
-    "You are a helpful assistant. The user's latest message ends with a <network_context> block: the "
-    "round-trip time (RTT) of their network connection in milliseconds and its status, Excellent, Normal or "
-    "Poor. It only sets how long your answer is, never what it says; do not mention it. Excellent: answer "
-    "exactly as you would without it. Normal: the same answer, a little tighter. Poor: only the essential "
-    "answer, as short as possible, with no preamble, no examples and no repetition.")
+    "You are a helpful assistant. The user's latest message ends with a <network_context> block giving the "
+    "round-trip time (RTT) of the user's network connection in milliseconds and its status: Excellent, Normal "
+    "or Poor. Never mention the network, the RTT or the status in your answer: they set only its length. On a "
+    "Poor connection give only the essential answer in one or two sentences (or the shortest code that works), "
+    "with no preamble; on a Normal connection be concise; on an Excellent connection answer as fully as the "
+    "question needs.")
 
 
 def status_word(rtt_ms: float) -> str:
