@@ -5,7 +5,7 @@ A CPU backend computes one call at a time (max_inflight 1), so with several sess
 behind the others and each is its own llama_decode. With this switch the call that gets the backend takes
 every call waiting at that moment (up to the backend's `max_batch`, one per session) and the backend
 evaluates them in one `llama_decode` (LlamaCppBackend.logits_many: each session's missing tokens on its
-own sequence). On a CPU, a batch of several rounds costs much less than that many decodes (the weights are
+own sequence), up to MAX_BATCH_TOKENS new tokens (a prompt's prefill goes alone). On a CPU, a batch of several rounds costs much less than that many decodes (the weights are
 read once), and the rounds answered together are one step: their answers share a WebSocket frame
 (switches.rtt_batching), and their sessions' next drafts share a draft step at the edge.
 
@@ -23,6 +23,9 @@ from typing import Optional
 
 from common.scheduling import AdmissionQueue
 
+MAX_BATCH_TOKENS = 512     # tokens one batch evaluates at most (the first call always goes): a prompt's prefill
+                           # does not hold a step of verify rounds back, nor do eight prefills wait for each other
+
 
 @dataclass(eq=False)
 class _Call:
@@ -35,8 +38,8 @@ class _Call:
 
 
 class VerifyBatcher:
-    def __init__(self, backend, queue: AdmissionQueue, max_batch: int):
-        self.backend, self.queue, self.max_batch = backend, queue, max(1, max_batch)
+    def __init__(self, backend, queue: AdmissionQueue, max_batch: int, max_tokens: int = MAX_BATCH_TOKENS):
+        self.backend, self.queue, self.max_batch, self.max_tokens = backend, queue, max(1, max_batch), max_tokens
         self.pending: list[_Call] = []
         self.batches = 0          # backend calls made
         self.calls = 0            # calls answered by them
@@ -67,10 +70,15 @@ class VerifyBatcher:
 
     async def _run(self, mine: _Call) -> None:
         batch, sessions = [mine], {mine.session_id}
+        budget = self.max_tokens - self._new_tokens(mine)
         for c in self.pending:                   # first come first: they all waited, they all go now
             if len(batch) >= self.max_batch:
                 break
             if c is not mine and c.session_id not in sessions and not c.fut.done():
+                n = self._new_tokens(c)
+                if n > budget:                   # a prompt's prefill waits for a batch of its own
+                    continue
+                budget -= n
                 batch.append(c)
                 sessions.add(c.session_id)
         for c in batch:
@@ -90,6 +98,11 @@ class VerifyBatcher:
         for c, (logits, cached) in zip(batch, results):
             if not c.fut.done():
                 c.fut.set_result((logits, cached, (t1 - c.t0) * 1e3, (t2 - t1) * 1e3))
+
+
+    def _new_tokens(self, c: _Call) -> int:
+        count = getattr(self.backend, "new_tokens", None)
+        return count(c.session_id, c.tokens, c.n_logits, c.reuse) if count else len(c.tokens)
 
 
 def _held(acq: asyncio.Future) -> bool:

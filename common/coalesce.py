@@ -112,18 +112,25 @@ class Policy:
 
 class Cadence:
     """When a stream of items (one link's answers) is due next: an EWMA of the gaps between consecutive
-    items, counted only while more were outstanding (an idle link's silence is no gap). next_in_ms is
-    that gap minus the time since the last item (None before two items)."""
+    bursts (items within BURST_MS of the burst's first are one burst: the answers of one step), counted
+    only while more were outstanding (an idle link's silence is no gap). next_in_ms is that gap minus
+    the time since the last burst (None before two bursts)."""
+    BURST_MS = 2.0
 
     def __init__(self, weight: float = 0.25):
         self.weight, self.gap_ms, self._last = weight, None, None
 
     def item(self, more_outstanding: bool) -> None:
         now = time.perf_counter()
-        if self._last is not None:
+        if self._last is None:
+            self._last = now
+        else:
             gap = (now - self._last) * 1e3
-            self.gap_ms = gap if self.gap_ms is None else (1 - self.weight) * self.gap_ms + self.weight * gap
-        self._last = now if more_outstanding else None
+            if gap >= self.BURST_MS:             # a new burst (else: the same step's answers)
+                self.gap_ms = gap if self.gap_ms is None else (1 - self.weight) * self.gap_ms + self.weight * gap
+                self._last = now
+        if not more_outstanding:
+            self._last = None
 
     def next_in_ms(self) -> Optional[float]:
         if self.gap_ms is None or self._last is None:

@@ -46,6 +46,12 @@ class LlamaCppBackend(Backend):
         """Sessions one logits_many call may hold: one sequence each, none handed to another mid-batch."""
         return self.runner.n_seq
 
+    def new_tokens(self, session_id: str, tokens: list[int], n_logits: int, reuse: bool) -> int:
+        """How many of `tokens` a call would evaluate (those past the session's cached prefix)."""
+        seq = self.seqs.get(session_id)
+        held = self.runner.seq_tokens[seq] if seq is not None and reuse else []
+        return len(tokens) - max(min(common_prefix(held, tokens), len(tokens) - n_logits), 0)
+
     def logits_many(self, calls: list[tuple[str, list[int], int, bool]]) -> list[tuple[np.ndarray, int]]:
         """logits() of several sessions' rounds at once (switches.batched_verify; not in exact mode): each
         session's sequence is rolled back to its longest cached prefix, and every sequence's missing tokens
