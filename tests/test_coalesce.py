@@ -318,6 +318,10 @@ def test_cadence():
     time.sleep(0.05)
     c.item(True)
     assert 20 < c.gap_ms < 200 and c.next_in_ms() <= c.gap_ms
+    gap = c.gap_ms
+    c.item(True)
+    c.item(True)                       # the same step's answers: one burst, no gap of 0
+    assert c.gap_ms == gap
     c.item(False)                      # nothing more outstanding: the silence that follows is no gap
     assert c.next_in_ms() is None
 
