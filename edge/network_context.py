@@ -21,6 +21,9 @@ is told the user's link, so that it answers more briefly where every token takes
   still come first, so the cached prefix is shared up to where the request's own text begins. A
   request without a system message gets ours as its first message (for Qwen2.5's template, this
   replaces its default system prompt, as any system message does).
+* The wording: of three instructions measured with the 1.5B target (ablations/results/network_context.md),
+  the two that cut Poor answers hardest also let the status into what the model says ("Hand dryers are
+  not recommended for use on a Poor network connection."); this one kept it out, at a weaker cut.
 """
 from __future__ import annotations
 
@@ -31,12 +34,11 @@ EXCELLENT_BELOW_MS = 100
 POOR_ABOVE_MS = 300
 
 SYSTEM_INSTRUCTION = (
-    "You are a helpful assistant. The user's latest message ends with a <network_context> block giving the "
-    "round-trip time (RTT) of the user's network connection in milliseconds and its status: Excellent, Normal "
-    "or Poor. Never mention the network, the RTT or the status in your answer: they set only its length. On a "
-    "Poor connection give only the essential answer in one or two sentences (or the shortest code that works), "
-    "with no preamble; on a Normal connection be concise; on an Excellent connection answer as fully as the "
-    "question needs.")
+    "You are a helpful assistant. The user's latest message ends with a <network_context> block: the "
+    "round-trip time (RTT) of their network connection in milliseconds and its status, Excellent, Normal or "
+    "Poor. It only sets how long your answer is, never what it says; do not mention it. Excellent: answer "
+    "exactly as you would without it. Normal: the same answer, a little tighter. Poor: only the essential "
+    "answer, as short as possible, with no preamble, no examples and no repetition.")
 
 
 def status_word(rtt_ms: float) -> str:
