@@ -79,8 +79,9 @@ def _report(args, argv) -> int:
         path = found[-1]
     from ablations.runner import _command, _git, derive_rows
     from ablations import population_report
-    if (population_report.load(path).get("experiment") or {}).get("kind") in ("population", "goodput"):
-        for f in population_report.write(population_report.load(path), Path(args.out) if args.out else path.parent):
+    raw = report.load(path)                                     # ValueError "no result file" when absent
+    if (raw.get("experiment") or {}).get("kind") in ("population", "goodput"):
+        for f in population_report.write(raw, Path(args.out) if args.out else path.parent):
             print(f"wrote {f}", file=sys.stderr)
         return 0
     result = derive_rows(report.load(path))

@@ -50,7 +50,12 @@ def with_(tree: dict, dotted: str, value) -> dict:
 def test_committed_experiment_files_load():
     files = experiment_files()
     assert {p.stem for p in files} >= {"switches", "rtt_sweep"}
+    from ablations import population
     for path in files:
+        if population.kind_of(path):                 # kind: population | goodput (ablations/population.py)
+            exp = population.load(path)
+            assert exp.name == path.stem and exp.question and "\n" not in exp.question
+            continue
         exp = load_experiment(path)
         assert exp.name == path.stem and exp.question and "\n" not in exp.question
         assert exp.workload.split == "heldout"
@@ -143,8 +148,9 @@ def test_cells_rows_by_links_by_repeats(tmp_path):
 def test_list_prints_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
+    from ablations import population
     for path in experiment_files():
-        exp = load_experiment(path)
+        exp = population.load(path) if population.kind_of(path) else load_experiment(path)
         assert exp.name in out and exp.question in out
 
 
