@@ -61,7 +61,7 @@ def hold_quantile_ms(counts: list[int], q: float) -> Optional[float]:
 class Policy:
     """The thresholds (a `coalesce:` config section) and the decisions, as pure functions."""
 
-    def __init__(self, min_rtt_ms: float = 100.0, rtt_fraction: float = 0.5, max_wait_ms: float = 500.0,
+    def __init__(self, min_rtt_ms: float = 100.0, rtt_fraction: float = 0.5, max_wait_ms: float = 250.0,
                  sse_min_rtt_ms: float = 300.0, sse_chunks: int = 8, sse_far_rtt_ms: float = 1000.0,
                  sse_far_chunks: int = 20):
         self.min_rtt_ms, self.rtt_fraction, self.max_wait_ms = min_rtt_ms, rtt_fraction, max_wait_ms

@@ -165,7 +165,7 @@ class CoalesceConfig(_Section):
     """switches.rtt_batching's thresholds, one policy for every hop (common/coalesce.py says the rule)."""
     min_rtt_ms: float = Field(100.0, ge=0.0)      # links below this RTT send every frame at once
     rtt_fraction: float = Field(0.5, ge=0.0, le=1.0)   # above it a frame waits at most this fraction of the RTT
-    max_wait_ms: float = Field(500.0, ge=0.0)     # ... and never longer than this
+    max_wait_ms: float = Field(250.0, ge=0.0)     # ... and never longer than this
     sse_min_rtt_ms: float = Field(300.0, ge=0.0)  # user stream: every chunk at once below this user RTT
     sse_chunks: int = Field(8, ge=1, le=1024)     # above it up to this many chunks in one SSE event
     sse_far_rtt_ms: float = Field(1000.0, ge=0.0)  # and above this user RTT
