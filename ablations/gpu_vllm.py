@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ablations.replay import TracePlan, cpu_list, run_light
+from ablations.replay import TracePlan, cpu_list, cut, run_light
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_FILE = HERE / "results" / "gpu_prompts.json"
@@ -101,15 +101,6 @@ def vcfg(args, **over):
 def prompts(n=None) -> list[dict]:
     rows = json.loads(PROMPTS_FILE.read_text())
     return rows[:n] if n else rows
-
-
-def cut(toks: list[int], n: int) -> list[int]:
-    out = []
-    for t in toks[:n]:
-        out.append(t)
-        if t in STOP:
-            break
-    return out
 
 
 # ---- plain vLLM (no speculation): references and streaming throughput ------------------------------
