@@ -55,7 +55,6 @@ from ablations.replay import TracePlan, cpu_list, cut, run_light
 HERE = Path(__file__).resolve().parent
 PROMPTS_FILE = HERE / "results" / "gpu_prompts.json"
 RESULTS = HERE / "results"
-STOP = {151643, 151645}
 K = 4
 
 
