@@ -79,7 +79,9 @@ def _report(args, argv) -> int:
         path = found[-1]
     from ablations.runner import _command, _git, derive_rows
     from ablations import population_report
-    raw = report.load(path)                                     # ValueError "no result file" when absent
+    if not path.exists():
+        raise ValueError(f"no result file {path}")
+    raw = population_report.load(path)
     if (raw.get("experiment") or {}).get("kind") in ("population", "goodput"):
         for f in population_report.write(raw, Path(args.out) if args.out else path.parent):
             print(f"wrote {f}", file=sys.stderr)
