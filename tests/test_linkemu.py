@@ -532,6 +532,19 @@ def spawn(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def ping_ms(s: socket.socket, n: int) -> list[float]:
+    """n echo round trips of 4 bytes over s, in ms."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            got += s.recv(16)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
 def test_cli_ready_line_delay_and_clean_exit():
     echo = spawn("--echo", "127.0.0.1:0")
     emu = None
@@ -543,14 +556,7 @@ def test_cli_ready_line_delay_and_clean_exit():
         port = int(line.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            samples = []
-            for _ in range(10):
-                t0 = time.perf_counter()
-                s.sendall(b"ping")
-                got = b""
-                while len(got) < 4:
-                    got += s.recv(16)
-                samples.append((time.perf_counter() - t0) * 1e3)
+            samples = ping_ms(s, 10)
         assert 29.5 <= statistics.median(samples) <= 45.0, samples
         # the same port again: a clear message, exit 2
         busy = spawn("--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo_port}")
@@ -580,14 +586,7 @@ def test_cli_profiles_one_link_per_profile(tmp_path):
         medians = []
         for port in ports:
             with socket.create_connection(("127.0.0.1", port)) as s:
-                samples = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    s.sendall(b"ping")
-                    got = b""
-                    while len(got) < 4:
-                        got += s.recv(16)
-                    samples.append((time.perf_counter() - t0) * 1e3)
+                samples = ping_ms(s, 5)
             medians.append(statistics.median(samples))
         assert 4.5 <= medians[0] <= 30.0 and 59.5 <= medians[1] <= 85.0, medians
         emu.terminate()
