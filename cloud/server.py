@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from cloud.verifier import ApiError, Verifier
 from common.auth import bearer_matches
-from common.coalesce import Cadence, Coalescer, Policy, from_config
+from common.coalesce import COMPUTED, WS_QUERY, Cadence, Coalescer, Policy
 from common.config import TandemConfig
 from common.http_limits import read_body, start_site
 from common.jsonbody import BadBody, check_content_type, parse_json_object
@@ -33,7 +33,7 @@ log = logging.getLogger("tandem.cloud")
 VERIFIER = web.AppKey("verifier", Verifier)
 CONFIG = web.AppKey("config", TandemConfig)
 TOKENIZER = web.AppKey("tokenizer", object)
-COALESCE = web.AppKey("coalesce", object)      # Optional[Policy]: switches.rtt_batching (common/coalesce.py)
+COALESCE = web.AppKey("coalesce", object)      # Policy (common/coalesce.py): for the links whose edge asks for it
 MONITORING = ("/stats", "/metrics")
 WS_ROUNDS_IN_FLIGHT = 256      # per WebSocket: past this the socket is not read until a round ends
 
@@ -148,21 +148,24 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
     POST /v1/verify for less CPU per round (no HTTP request to parse, no response headers, no handler per
     round: ablations/results/frontend_cost.md).
 
-    switches.rtt_batching (common/coalesce.py): answers of this link decided together go in one frame
-    ({"batch": [...]}, one answer alone still bare); on a link whose edge reports an RTT at or above
-    coalesce.min_rtt_ms an answer may wait, at most min(rtt_fraction x RTT, max_wait_ms), for the answers
-    of the link's other rounds this cloud holds (received, not yet answered: on a CPU backend the rounds
-    queued behind the one verifying, on an in-engine backend the step's), and goes as soon as they are in,
-    or at once when the link's answers have been coming further apart than the window has left."""
+    Coalescing (common/coalesce.py), on a link whose edge asks for it (`?coalesce=1`: its
+    switches.rtt_batching): answers of this link decided together go in one frame ({"batch": [...]}, one
+    answer alone still bare); on a link whose edge reports an RTT at or above coalesce.min_rtt_ms an answer
+    may wait, at most min(rtt_fraction x RTT, max_wait_ms), for the answers of the link's other rounds this
+    cloud holds (received, not yet answered: on a CPU backend the rounds queued behind the one verifying, on
+    an in-engine backend the step's), and goes as soon as they are in, or at once when the link's answers
+    have been coming further apart than the window has left, unless some of them are computed already
+    (the rest of the step that is ending: `due`)."""
     verifier = request.app[VERIFIER]
     stats = verifier.stats
-    policy: Policy | None = request.app[COALESCE]
+    policy: Policy | None = request.app[COALESCE] if request.query.get(WS_QUERY) in ("1", "true") else None
     ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].cloud.max_body_bytes)
     await ws.prepare(request)
     rounds: set[asyncio.Task] = set()
     client = request.remote
     link = stats.link(f"ws:{client}:{id(ws):x}", "ws")
     unanswered = [0]                 # rounds of this link received whose answer is not out yet
+    due = [0]                        # ... of which the target's work is done (their answers are being finished)
     cadence = Cadence()              # how far apart this link's answers come while it has rounds here
 
     async def send(text: str, messages: int = 1, held_ms: float = 0.0) -> None:
@@ -171,12 +174,20 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             stats.frame_out(link, len(text), messages, held_ms)
 
     outbox = None if policy is None else Coalescer(policy, send, lambda: link.rtt_ms, lambda: unanswered[0],
-                                                   batch_frame, "cloud-ws", cadence.next_in_ms)
+                                                   batch_frame, "cloud-ws", cadence.next_in_ms, lambda: due[0])
     if outbox is not None:
         outbox.hold_counts = stats.hold_counts       # counted for the whole cloud
 
     async def one(item) -> None:
-        ids = {}
+        ids, step = {}, []
+
+        def computed(batch: int) -> None:        # COMPUTED: the backend has done this round's target work
+            if not step:
+                step.append(batch)
+                due[0] += 1
+
+        if outbox is not None:
+            COMPUTED.set(computed)               # this task's context: seen by the backend path it awaits
         try:
             req = _validate_item(item, VerifyRequest)
             ids = {"session_id": req.session_id, "seq": req.seq}
@@ -189,7 +200,9 @@ async def verify_ws(request: web.Request) -> web.WebSocketResponse:
             answer = json.dumps(error_body(verifier, 500, f"internal error: {type(e).__name__}: {e}", **ids) | {"status": 500})
         finally:
             unanswered[0] -= 1
-            cadence.item(more_outstanding=unanswered[0] > 0)
+            if step:
+                due[0] -= 1
+            cadence.item(more_outstanding=unanswered[0] > 0, step=step[0] if step else None)
         if outbox is not None:
             outbox.put(answer)
         else:
@@ -303,7 +316,7 @@ def make_app(verifier: Verifier, cfg: TandemConfig) -> web.Application:
     app[VERIFIER] = verifier
     app[CONFIG] = cfg
     app[TOKENIZER] = target_tokenizer(cfg)
-    app[COALESCE] = from_config(cfg)
+    app[COALESCE] = Policy.of(cfg.coalesce)      # used for the links that ask (switches.rtt_batching is the edge's)
     app.router.add_post("/v1/verify", verify)
     app.router.add_get("/v1/ws", verify_ws)
     app.router.add_post("/v1/generate", generate)

@@ -7,7 +7,9 @@ every call waiting at that moment (up to the backend's `max_batch`, one per sess
 evaluates them in one `llama_decode` (LlamaCppBackend.logits_many: each session's missing tokens on its
 own sequence), up to MAX_BATCH_TOKENS new tokens (a prompt's prefill goes alone). On a CPU, a batch of several rounds costs much less than that many decodes (the weights are
 read once), and the rounds answered together are one step: their answers share a WebSocket frame
-(switches.rtt_batching), and their sessions' next drafts share a draft step at the edge.
+(switches.rtt_batching), and their sessions' next drafts share a draft step at the edge. When a batch is
+computed, each of its rounds is marked as such (common/coalesce.py COMPUTED, with the batch's number) before
+any of their answers is finished, so that the first answer's frame waits for the others of its batch.
 
 Not in exact mode (each token is evaluated alone there). Numbers: a round's logits may differ in the last
 bits from those of the round alone (llama.cpp's kernels depend on the batch), as they already differ
@@ -19,8 +21,9 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+from common.coalesce import COMPUTED
 from common.scheduling import AdmissionQueue
 
 MAX_BATCH_TOKENS = 512     # tokens one batch evaluates at most (the first call always goes): a prompt's prefill
@@ -35,6 +38,7 @@ class _Call:
     reuse: bool
     fut: asyncio.Future
     t0: float = field(default_factory=time.perf_counter)
+    computed: Optional[Callable[[int], None]] = field(default_factory=COMPUTED.get)   # the caller's (its context)
 
 
 class VerifyBatcher:
@@ -95,6 +99,9 @@ class VerifyBatcher:
         t2 = time.perf_counter()
         self.batches += 1
         self.calls += len(batch)
+        for c in batch:                          # all of the batch is computed: tell each caller's link first
+            if c.computed is not None and not c.fut.done():
+                c.computed(self.batches)
         for c, (logits, cached) in zip(batch, results):
             if not c.fut.done():
                 c.fut.set_result((logits, cached, (t1 - c.t0) * 1e3, (t2 - t1) * 1e3))

@@ -12,9 +12,20 @@ for at most `rtt_fraction` of its RTT, never more than `max_wait_ms`, and sends 
 everything it is waiting for is in (every round of the link that the cloud holds has its answer;
 every session of the edge has its draft), or as soon as the rest cannot come within the window (the
 link's answers have been coming further apart than what is left of it: a CPU cloud verifies one round
-at a time, a few hundred ms each, so a frame does not wait in vain for the next). Why: a far link pays for every frame and every wake-up at
-both ends, and a few ms of coalescing are small beside its RTT; the wait is bounded in proportion to
-the RTT, so it never costs a round more than that fraction of what the link already costs it.
+at a time, a few hundred ms each, so a frame does not wait in vain for the next). Except for the rest of
+the step that is ending: the answers of rounds whose target work is done (`due`: the backend computed
+them, the cloud is finishing their answers) come within milliseconds however far off the next step is,
+so a frame always waits for those (within the window). Without that a step's first answer went alone
+and the rest a few ms later: on a 2-core CPU cloud finishing each answer (acceptance over the
+vocabulary) takes a millisecond or more, and the next batch starts meanwhile. Why: a far link pays for
+every frame and every wake-up at both ends, and a few ms of coalescing are small beside its RTT; the
+wait is bounded in proportion to the RTT, so it never costs a round more than that fraction of what the
+link already costs it.
+
+Who coalesces: the edge asks for it (switches.rtt_batching, read by the edge through from_config) for
+its rounds, its users' streams, and, by opening its WebSocket with `?coalesce=1`, for the answers the
+cloud sends it; the cloud coalesces exactly the links whose edge asked (its thresholds are its own
+`coalesce:` section). So one cloud serves edges with the switch on and off side by side.
 
 The user's stream follows seed 000's rule on top of the same bound: every chunk at once below
 `sse_min_rtt_ms` (300), up to `sse_chunks` (8) chunks in one event above it and `sse_far_chunks` (20)
@@ -24,6 +35,7 @@ chunk (time to first token) and the last one are never held.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -31,7 +43,18 @@ from typing import Awaitable, Callable, Optional
 
 log = logging.getLogger("tandem.coalesce")
 
-__all__ = ["Policy", "from_config", "Coalescer", "Cadence", "HOLD_BUCKETS_MS", "hold_quantile_ms"]
+__all__ = ["Policy", "from_config", "Coalescer", "Cadence", "HOLD_BUCKETS_MS", "hold_quantile_ms", "COMPUTED",
+           "WS_QUERY"]
+
+WS_QUERY = "coalesce"     # GET /v1/ws?coalesce=1: the edge asks the cloud to coalesce this link's answers
+
+# Set by whoever awaits a verify round (cloud/server.py, per round: its own task's context) to a callback
+# `computed(step)`; the backend path that computes the round's target work calls it, with an id of the step
+# (batch) that did, once that work is done and only the answer's finishing is left (cloud/verify_batcher.py).
+# The round's answer is then `due`: a frame waits for it (Policy.wait_ms), and answers of one step are one
+# burst (Cadence). A backend that does not call it leaves the rule as it was (bursts by time).
+COMPUTED: contextvars.ContextVar[Optional[Callable[[int], None]]] = contextvars.ContextVar("tandem_computed",
+                                                                                          default=None)
 
 # how long messages waited for company, counted per message in these buckets (upper bounds, ms): counters
 # that a benchmark can diff before and after (ablations/runner.py: added_ms_p50)
@@ -82,13 +105,16 @@ class Policy:
         return min(self.max_wait_ms, self.rtt_fraction * rtt_ms)
 
     def wait_ms(self, rtt_ms: Optional[float], held: int, missing: int, oldest_age_ms: float,
-                next_in_ms: Optional[float] = None) -> float:
+                next_in_ms: Optional[float] = None, due: int = 0) -> float:
         """How much longer to hold `held` items (0: send now). missing: items of the same step not
         ready yet (answers still being verified, drafts still being made); none missing: send now.
-        next_in_ms: when the next of them is expected (None: unknown); later than the window: send now."""
+        next_in_ms: when the next of them is expected (None: unknown); later than the window: send now,
+        unless `due` of the missing are the step's own, computed and being finished: wait for those."""
         if held <= 0 or missing <= 0:
             return 0.0                                   # everything of the step is in: flush early
         left = max(0.0, self.window_ms(rtt_ms) - oldest_age_ms)
+        if due > 0:
+            return left                                  # the rest of this step: it comes now
         if next_in_ms is not None and next_in_ms > left:
             return 0.0                                   # the rest comes too late: do not wait in vain
         return left
@@ -112,23 +138,25 @@ class Policy:
 
 class Cadence:
     """When a stream of items (one link's answers) is due next: an EWMA of the gaps between consecutive
-    bursts (items within BURST_MS of the burst's first are one burst: the answers of one step), counted
-    only while more were outstanding (an idle link's silence is no gap). next_in_ms is that gap minus
-    the time since the last burst (None before two bursts)."""
+    bursts (the answers of one step: those of the same `step` where the backend says which (COMPUTED),
+    else items within BURST_MS of the burst's first), counted only while more were outstanding (an idle
+    link's silence is no gap). next_in_ms is that gap minus the time since the last burst (None before
+    two bursts)."""
     BURST_MS = 2.0
 
     def __init__(self, weight: float = 0.25):
-        self.weight, self.gap_ms, self._last = weight, None, None
+        self.weight, self.gap_ms, self._last, self._step = weight, None, None, None
 
-    def item(self, more_outstanding: bool) -> None:
+    def item(self, more_outstanding: bool, step: Optional[int] = None) -> None:
         now = time.perf_counter()
         if self._last is None:
-            self._last = now
+            self._last, self._step = now, step
         else:
             gap = (now - self._last) * 1e3
-            if gap >= self.BURST_MS:             # a new burst (else: the same step's answers)
+            same = step == self._step if step is not None and self._step is not None else gap < self.BURST_MS
+            if not same:                         # a new burst (else: the same step's answers)
                 self.gap_ms = gap if self.gap_ms is None else (1 - self.weight) * self.gap_ms + self.weight * gap
-                self._last = now
+                self._last, self._step = now, step
         if not more_outstanding:
             self._last = None
 
@@ -139,8 +167,9 @@ class Cadence:
 
 
 def from_config(cfg) -> Optional[Policy]:
-    """The one place switches.rtt_batching is read: the policy every hop uses, or None (each frame
-    goes alone, as before the switch). cfg: a TandemConfig."""
+    """The one place switches.rtt_batching is read (by the edge: edge/node.py for its link, which asks
+    the cloud for coalesced answers, edge/openai_api.py for its users' streams): the policy, or None
+    (each frame goes alone, as before the switch). cfg: a TandemConfig."""
     return Policy.of(cfg.coalesce) if cfg.switches.rtt_batching else None
 
 
@@ -148,16 +177,17 @@ class Coalescer:
     """One sender for one connection: `put(text)` queues a JSON message; one task sends what is queued
     as frames, several in one batch envelope (`pack`: common/protocol.py batch_frame) or alone, holding
     them as the policy says (with the switch off there is no Coalescer: each message is its own frame).
-    `missing()` counts what the step still lacks; `rtt_ms()` is the link's RTT now; `next_in_ms()` when
-    the next missing item is expected (None: unknown). `send(text, messages, held_ms)` writes one frame
+    `missing()` counts what the step still lacks, `due()` how many of those are computed and being
+    finished (Policy.wait_ms); `rtt_ms()` is the link's RTT now; `next_in_ms()` when the next missing item
+    is expected (None: unknown). `send(text, messages, held_ms)` writes one frame
     of that many messages, which waited held_ms in all for company. Frames go in order, one at a time."""
 
     def __init__(self, policy: Policy, send: Callable[[str, int, float], Awaitable[None]],
                  rtt_ms: Callable[[], Optional[float]], missing: Callable[[], int],
                  pack: Callable[[list[str]], str], name: str = "coalescer",
-                 next_in_ms: Callable[[], Optional[float]] = lambda: None):
+                 next_in_ms: Callable[[], Optional[float]] = lambda: None, due: Callable[[], int] = lambda: 0):
         self.policy, self._send, self._rtt_ms, self._missing, self._pack = policy, send, rtt_ms, missing, pack
-        self._next_in_ms = next_in_ms
+        self._next_in_ms, self._due = next_in_ms, due
         self._items: list[str] = []
         self._put_s: list[float] = []      # when each item came
         self._oldest = 0.0
@@ -203,7 +233,7 @@ class Coalescer:
                 while self._items:
                     age_ms = (time.perf_counter() - self._oldest) * 1e3
                     wait = self.policy.wait_ms(self._rtt_ms(), len(self._items), self._missing(), age_ms,
-                                               self._next_in_ms())
+                                               self._next_in_ms(), self._due())
                     if wait <= 0:
                         break
                     try:                        # a new item or a finished answer may complete the step

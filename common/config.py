@@ -182,7 +182,9 @@ class Switches(_Section):
     batched_drafting: bool = True    # edge/drafter.py Drafter.__init__: off = one session's draft at a time
     network_context_prompt: bool = False   # edge/node.py EdgeNode.__init__: on = the user's RTT in the chat prompt
                                      # (edge/network_context.py)
-    rtt_batching: bool = True        # common/coalesce.py from_config: off = every message its own frame / SSE event
+    rtt_batching: bool = True        # edge/node.py + edge/openai_api.py via common/coalesce.py from_config (the edge
+                                     # asks the cloud to coalesce its link's answers, ?coalesce=1): off = every message
+                                     # its own frame / SSE event
     batched_verify: bool = False     # cloud/verifier.py Verifier.__init__: on = a CPU cloud verifies the rounds waiting
                                      # together in one llama_decode (cloud/verify_batcher.py)
     adaptive_draft: bool = True      # edge/generator.py Generator.__init__: k per round from RTT, costs and acceptance

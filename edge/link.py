@@ -29,7 +29,8 @@ emulator (ablations/linkemu.py), a process on the path, not a sleep in here.
 Coalescing (switches.rtt_batching, common/coalesce.py): rounds of several sessions that are ready
 together go in one frame ({"batch": [...]}); on a link at or above coalesce.min_rtt_ms a round may wait,
 at most min(rtt_fraction x SRTT, max_wait_ms), until every session of this edge that is generating has
-its round on the wire. Answers may come batched too (the cloud's side of the same rule).
+its round on the wire. The WebSocket is opened with `?coalesce=1`, so the cloud coalesces the answers it
+sends this link by the same rule (without it, each answer is a frame of its own).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import aiohttp
 from common.cloud_identity import check_cloud_health
 from common.errors import CloudError, CloudUnavailable
 from common.config import EdgeConfig
-from common.coalesce import HOLD_BUCKETS_MS, Coalescer, Policy
+from common.coalesce import HOLD_BUCKETS_MS, WS_QUERY, Coalescer, Policy
 from common.protocol import (PROTOCOL_VERSION, GenerateChunk, GenerateRequest, VerifyRequest, VerifyResponse,
                              batch_frame, unbatch)
 from common.rtt import RttEstimator
@@ -374,7 +375,8 @@ class CloudLink:
                 return True
             try:
                 ws = await self._session.ws_connect(self.base_url + "/v1/ws", heartbeat=self.cfg.ws_heartbeat_s,
-                                                    autoping=False)    # pongs reach the reader: RTT samples
+                                                    autoping=False,    # pongs reach the reader: RTT samples
+                                                    params={WS_QUERY: "1"} if self.coalesce is not None else None)
             except RETRYABLE as e:
                 log.debug("no WebSocket to %s (%s: %s): rounds go over HTTP POST", self.base_url, type(e).__name__, e)
                 return False

@@ -105,12 +105,17 @@ async def answers_of(ws, n, timeout=10.0):
     return frames, got
 
 
+def ws_path(asks: bool) -> str:
+    """The WebSocket of an edge with switches.rtt_batching on (it asks the cloud to coalesce) or off."""
+    return "/v1/ws?coalesce=1" if asks else "/v1/ws"
+
+
 @pytest.mark.parametrize("rtt_ms, batching", [(500.0, True), (20.0, True), (500.0, False)])
 def test_cloud_coalesces_a_far_links_answers_and_holds_none_on_a_near_one(rtt_ms, batching):
     n = 6
 
     async def body(http, url, v):
-        async with http.ws_connect(url + "/v1/ws") as ws:
+        async with http.ws_connect(url + ws_path(batching)) as ws:
             t0 = time.perf_counter()
             await ws.send_str(batch_frame([rnd(i, rtt_ms) for i in range(n)]))     # one frame up, 6 rounds
             frames, got = await answers_of(ws, n)
@@ -122,7 +127,7 @@ def test_cloud_coalesces_a_far_links_answers_and_holds_none_on_a_near_one(rtt_ms
         assert s["ws_frames_out"] == frames
         return frames, took_ms, s["ws_held_ms"]
 
-    frames, took_ms, held_ms = with_cloud(body, **{"switches.rtt_batching": batching})
+    frames, took_ms, held_ms = with_cloud(body)        # the cloud's own switch plays no part: the edge asks
     if not batching:
         assert frames == n                     # off: one frame per answer, as before
     elif rtt_ms >= 100:
@@ -149,7 +154,7 @@ def test_a_far_answer_waits_at_most_its_window():
         verifier = Verifier(Slow(), cfg.cloud, cfg.switches)
         runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
         try:
-            async with aiohttp.ClientSession() as http, http.ws_connect(url + "/v1/ws") as ws:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url + ws_path(True)) as ws:
                 t0 = time.perf_counter()
                 await ws.send_str(batch_frame([rnd(i, 400.0) for i in range(3)]))
                 first = unbatch(json.loads((await ws.receive(timeout=5)).data))
@@ -310,6 +315,94 @@ def test_a_frame_does_not_wait_in_vain():
     assert P.wait_ms(300, held=1, missing=3, oldest_age_ms=0, next_in_ms=400) == 0      # a serial cloud's gap
 
 
+def test_a_frame_waits_for_the_rest_of_a_computed_step():
+    """Answers whose target work is done (due) come within ms: a frame waits for them, within the window,
+    however far off the next step is; never on a near link."""
+    assert P.wait_ms(1000, held=1, missing=3, oldest_age_ms=0, next_in_ms=3000, due=2) == 250
+    assert P.wait_ms(1000, held=1, missing=3, oldest_age_ms=240, next_in_ms=3000, due=2) == 10
+    assert P.wait_ms(1000, held=1, missing=3, oldest_age_ms=300, next_in_ms=3000, due=2) == 0
+    assert P.wait_ms(1000, held=1, missing=3, oldest_age_ms=0, next_in_ms=3000, due=0) == 0
+    assert P.wait_ms(20, held=1, missing=3, oldest_age_ms=0, next_in_ms=None, due=2) == 0
+
+
+@pytest.mark.parametrize("due", [True, False])
+def test_coalescer_holds_a_steps_answers_that_are_due(due):
+    """A step's answers finished 5 ms apart while the link's next step is seconds off: one frame when the
+    cloud knows they are due, three without (the first goes alone: the rule before `due`)."""
+    from common.coalesce import Coalescer
+    frames = []
+
+    async def send(text, messages, held_ms):
+        frames.append(messages)
+
+    async def main():
+        state = {"missing": 5, "due": 3 if due else 0}
+        c = Coalescer(P, send, lambda: 1000.0, lambda: state["missing"], batch_frame, "t",
+                      lambda: 3000.0, lambda: state["due"])
+        for i in range(3):
+            state["missing"] -= 1
+            state["due"] = max(0, state["due"] - 1)
+            c.put(json.dumps({"i": i}))
+            await asyncio.sleep(0.005)
+        t0 = time.perf_counter()
+        while c.pending:
+            await asyncio.sleep(0.001)
+        await c.close()
+        return (time.perf_counter() - t0) * 1e3
+    took_ms = asyncio.run(main())
+    assert frames == ([3] if due else [1, 1, 1])
+    assert took_ms < 50                        # flushed when the step was in, not at the window's end
+
+
+def test_batched_cloud_sends_a_batchs_answers_in_one_frame_however_slowly_they_are_finished():
+    """switches.batched_verify with the link's next batch far off: the answers of one batch, finished a few
+    ms apart (as acceptance over a real vocabulary takes on a busy CPU), still share one frame."""
+    from test_verify_batcher import BatchTable
+    cfg = load_config(overrides={"switches.batched_verify": True})
+
+    class Slow(BatchTable):
+        def logits_many(self, calls):
+            time.sleep(0.4)
+            return super().logits_many(calls)
+
+    class SlowFinish(Verifier):
+        async def verify(self, req, client=None):
+            resp = await super().verify(req, client)
+            await asyncio.sleep(0.004 * int(req.session_id[1:]))
+            return resp
+
+    async def main():
+        verifier = SlowFinish(Slow(), cfg.cloud, cfg.switches)
+        runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url + ws_path(True)) as ws:
+                await ws.send_str(rnd(0, 1000.0))
+                await asyncio.sleep(0.05)
+                await ws.send_str(batch_frame([rnd(i, 1000.0) for i in range(1, 6)]))   # batches [s0], [s1..s5]
+                frames = []
+                while sum(len(f) for f in frames) < 6:
+                    frames.append(sorted(a["session_id"] for a in unbatch(json.loads((await ws.receive(timeout=5)).data))))
+                return frames, verifier.batcher.batches
+        finally:
+            await runner.cleanup()
+    frames, batches = asyncio.run(main())
+    assert batches == 2
+    assert frames == [["s0"], ["s1", "s2", "s3", "s4", "s5"]]
+
+
+def test_cadence_counts_a_step_as_one_burst():
+    from common.coalesce import Cadence
+    c = Cadence()
+    c.item(True, step=1)
+    time.sleep(0.05)
+    c.item(True, step=2)
+    gap = c.gap_ms
+    assert 20 < gap < 200
+    time.sleep(0.01)
+    c.item(True, step=2)               # 10 ms later, the same step: no gap
+    assert c.gap_ms == gap
+
+
 def test_cadence():
     from common.coalesce import Cadence
     c = Cadence()
@@ -342,7 +435,7 @@ def test_in_engine_step_answers_share_a_frame(batching):
         verifier = Verifier(backend, cfg.cloud, cfg.switches)
         runner, url = await start_cloud(verifier, cfg, "127.0.0.1", 0)
         try:
-            async with aiohttp.ClientSession() as http, http.ws_connect(url + "/v1/ws") as ws:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url + ws_path(batching)) as ws:
                 first = [{"session_id": f"s{i}", "seq": 0, "base_len": 0, "append": [10 * i + 1, 10 * i + 2],
                           "draft": [nxt(10 * i + 2)], "rtt_ms": 500.0} for i in range(n)]
                 await ws.send_str(batch_frame([json.dumps(r) for r in first]))
