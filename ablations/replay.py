@@ -12,6 +12,8 @@ import json
 import multiprocessing as mp
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 STOP = {151643, 151645}      # Qwen2.5's end-of-text and end-of-turn tokens
 K = 4
@@ -256,33 +258,63 @@ def load_traces(path) -> list[dict]:
     return rows
 
 
-def draft_plan(session: dict, drafts: str):
-    """draft_at(pos, out) -> (draft tokens, recorded draft ms) for a replayed session.
+class DraftPlan:
+    """A replayed session's drafts: plan(pos, out) -> (draft tokens, recorded draft ms) at output position pos
+    after the answer `out` so far; plan.guess(pos, draft, out) -> the drafter's guess of the target's token
+    after that whole draft (draft-ahead), or None where the answer ends first.
+
     drafts='recorded': the drafter's recorded draft at that output position while the answer so far is the
     recorded one (else the reference's next tokens, as a drafter that agrees with the target would).
     drafts='pattern': the recorded round's accept/reject pattern on the reference output (as TracePlan):
     it drafted L tokens and a were accepted -> reference[pos:pos+a] + one wrong token (a < L). For a target
     whose output is not the recorded one (another model, random weights): `session["fallback"]` is then its
-    own greedy output."""
-    trace = {int(k): v for k, v in session.get("trace", {}).items()}
-    acc = {int(k): v for k, v in session.get("accepted", {}).items()}
-    ref = session["fallback"]
-    rounds_ms = [v[1] for k, v in sorted(trace.items()) if k > 0]
-    typical_ms = sorted(rounds_ms)[len(rounds_ms) // 2] if rounds_ms else 150.0
+    own greedy output.
 
-    def draft_at(pos: int, out: list[int]) -> tuple[list[int], float]:
-        rec = trace.get(pos)
-        ms = rec[1] if rec else typical_ms
-        if drafts == "recorded":
-            if rec and out == ref[:pos]:
+    The guess: with recorded drafts, the trace's `guess` for that round (ablations/trace_guesses.py: the
+    drafter's argmax after the round's whole draft) where the trace has one and the round is the recorded
+    one; otherwise -- and always with pattern drafts -- the reference's token after the draft. A pattern
+    round of L tokens is fully accepted exactly when the recorded round accepted all of them (a == L), and
+    then the target's next token is the reference's, so the guess is right exactly when a == L: a replay
+    assumption (the pattern does not record the drafter's next token; a drafter that matched all L tokens is
+    taken to match the target's next one too). The cloud decides, as for a real edge: a wrong guess, or a
+    round before it that did not accept all, gets 412."""
+
+    def __init__(self, session: dict, drafts: str):
+        self.drafts = drafts
+        self.trace = {int(k): v for k, v in session.get("trace", {}).items()}
+        self.acc = {int(k): v for k, v in session.get("accepted", {}).items()}
+        self.guesses = {int(k): v for k, v in session.get("guess", {}).items()} if drafts == "recorded" else {}
+        self.ref = session["fallback"]
+        rounds_ms = [v[1] for k, v in sorted(self.trace.items()) if k > 0]
+        self.typical_ms = sorted(rounds_ms)[len(rounds_ms) // 2] if rounds_ms else 150.0
+
+    def _recorded(self, pos: int, out: list[int]) -> bool:
+        return pos in self.trace and out == self.ref[:pos]
+
+    def __call__(self, pos: int, out: list[int]) -> tuple[list[int], float]:
+        rec = self.trace.get(pos)
+        ms = rec[1] if rec else self.typical_ms
+        ref = self.ref
+        if self.drafts == "recorded":
+            if self._recorded(pos, out):
                 return list(rec[0]), ms
             return list(ref[pos:pos + K]) or [0], ms
-        L, a = acc.get(pos, (K, K - 1))
+        L, a = self.acc.get(pos, (K, K - 1))
         d = list(ref[pos:pos + min(a, L)])
         if len(d) < L and pos + len(d) < len(ref):
             d.append(ref[pos + len(d)] ^ 1)         # a token the target does not pick there
         return d or [0], ms
-    return draft_at
+
+    def guess(self, pos: int, draft: list[int], out: list[int]) -> Optional[int]:
+        if pos in self.guesses and self._recorded(pos, out) and draft == list(self.trace[pos][0]):
+            return int(self.guesses[pos])
+        nxt = pos + len(draft)
+        return self.ref[nxt] if nxt < len(self.ref) else None
+
+
+def draft_plan(session: dict, drafts: str) -> DraftPlan:
+    """The session's DraftPlan: draft_at(pos, out) -> (draft tokens, recorded draft ms)."""
+    return DraftPlan(session, drafts)
 
 
 async def _probe_rtt(http, url: str) -> float:
@@ -391,55 +423,187 @@ async def _plain(http, url, user, o, tokens, st) -> None:
                  "fallbacks": 0}
 
 
+@dataclass(eq=False)
+class _Round:
+    """A replayed round: the answer so far it was drafted after (out), its output position, its draft and
+    draft ms, the guessed token before it (a draft-ahead round; None: a plain round), its seq and its verify
+    call (None: drafted, not sent yet)."""
+    out: list[int]
+    draft: list[int]
+    ms: float
+    seq: int
+    guess: Optional[int] = None
+    task: Optional[asyncio.Future] = None
+
+    @property
+    def pos(self) -> int:
+        return len(self.out)
+
+
+def _sent(coro) -> asyncio.Future:
+    """A round's verify call as a task; an answer nobody waits for any more (a dropped round's, a round in
+    flight when the answer ended) is taken here, not reported as never retrieved."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
 async def _tandem(send, http, url, user, o, tokens, st, est) -> None:
-    """Rounds as the edge's generator makes them, one at a time: draft (its time), send, commit."""
-    draft_at = draft_plan(user, user.get("drafts", "recorded"))
+    """Rounds as the edge's generator (edge/generator.py _speculate) makes them, with the edge features
+    chosen per user (user["parallel_prefill"], user["draft_ahead"]; both off: one round at a time, each
+    sent after its draft time, the first one's with the edge's prompt prefill).
+
+    parallel_prefill: round 0 goes at once with the prompt and an empty draft (the cloud prefills while
+    the edge does); the first drafted round is drafted meanwhile, after the prompt and the drafter's guess
+    of round 0's token: the recorded round 0 (whose draft time includes the edge's prefill) split into its
+    first token (the guess) and the rest (the draft), its draft time counted from round 0's send.
+    draft_ahead: while round r is in flight the next one is drafted as if r accepts its whole draft followed
+    by the guess (DraftPlan.guess) and sent, with `guess`, once its draft time has passed since r was sent
+    (since r became the round in flight, for a round that was itself sent ahead); the cloud verifies it
+    right after r, or answers 412 and the client drafts afresh. A round drafted ahead whose round before
+    is answered first is held: it goes as a plain round if the answer is what it was drafted after, else
+    it is dropped (as the edge does, the client first waits for its draft to end). Where r accepted less
+    than its whole draft, the round drafted after it is dropped at once (its drafting cut short).
+
+    The figures are the edge's (GenStats): rounds, drafted and accepted count verified rounds (round 0's
+    empty draft too), draft_ms theirs; ahead_kept / ahead_dropped the rounds sent ahead that the cloud
+    verified / refused (412)."""
+    plan = draft_plan(user, user.get("drafts", "recorded"))
     fast = user.get("timing", "cpu2") == "fast"
-    ctx, base, seq = list(user["prompt"]), 0, 0
-    rounds = drafted = accepted = resyncs = 0
+    parallel_prefill, draft_ahead = bool(user.get("parallel_prefill")), bool(user.get("draft_ahead"))
+    n_max, prompt = user["max_tokens"], list(user["prompt"])
+    ctx, base, seq = list(prompt), 0, 0
+    rounds = drafted = accepted = resyncs = kept = dropped = 0
     draft_ms = compute_ms = 0.0
-    draft = None
-    while True:
-        if draft is None:                          # a re-sync resends the same draft: drafted once
-            draft, ms = draft_at(len(tokens), tokens)
-            ms = FAST_MS_PER_TOKEN * len(draft) if fast else ms
-            await asyncio.sleep(ms / 1e3)
-            draft_ms += ms
-        body = {"session_id": user["sid"], "seq": seq, "base_len": base, "append": ctx[base:], "draft": draft}
-        if base == 0:
-            body["prompt_len"] = len(user["prompt"])
-        if est.srtt_ms is not None:
-            body["rtt_ms"] = round(est.srtt_ms, 3)
+    fly: Optional[_Round] = None             # the round in flight
+    ahead: Optional[_Round] = None           # the round after it: sent ahead, or held
+    ahead_job: Optional[asyncio.Future] = None   # drafting `ahead`, beside the answer
+    stale: list[asyncio.Future] = []         # dropped rounds sent ahead whose answer (412) is due
+    resend: Optional[_Round] = None          # a round to send again from base 0 (after a 409)
+
+    async def timed(body):
         t = time.perf_counter()
         status, data = await send(body)
-        wall = (time.perf_counter() - t) * 1e3
-        if status == 409 and base and resyncs < 100:
-            base, resyncs = 0, resyncs + 1
-            continue
-        if status != 200:
-            o.error = f"HTTP {status}: {str(data)[:300]}"
-            return
-        est.observe(wall - data["timing"]["server_ms"])
-        n = data["accepted"]
-        new = draft[:n] + [data["next_token"]]
-        rounds, drafted, accepted = rounds + 1, drafted + len(draft), accepted + n
-        compute_ms += data["timing"]["compute_ms"]
-        ctx += new
-        base, seq = data["committed_len"], seq + 1
-        done = _chunk(o, tokens, new, user["max_tokens"], st)
-        draft = None
-        if done:
-            break
+        return status, data, (time.perf_counter() - t) * 1e3
+
+    def send_plain(r: _Round) -> None:
+        body = {"session_id": user["sid"], "seq": r.seq, "base_len": base, "append": ctx[base:], "draft": r.draft}
+        if base == 0:
+            body["prompt_len"] = len(prompt)
+        if est.srtt_ms is not None:
+            body["rtt_ms"] = round(est.srtt_ms, 3)
+        r.task = _sent(timed(body))
+
+    async def draft_after(f: _Round, started: float) -> Optional[_Round]:
+        """The round after f, drafted from `started` (f's send) while f flies; sent ahead if f is still in
+        flight when its draft is done (draft_ahead), else held. None: the answer ends within f."""
+        q = f.pos + len(f.draft) + 1
+        if q >= n_max or any(t in STOP for t in f.draft):
+            return None
+        if not f.draft:                      # parallel prefill: the recorded first round, its first token the guess
+            d0, ms = plan(f.pos, f.out)
+            if not d0:
+                return None
+            g, d = d0[0], d0[1:]
+        else:
+            g = plan.guess(f.pos, f.draft, f.out)
+            if g is None:
+                return None
+            d, ms = plan(q, f.out + f.draft + [g])
+        ms = FAST_MS_PER_TOKEN * (len(d) + 1) if fast else ms     # the guess is drafted too
+        await asyncio.sleep(max(0.0, started + ms / 1e3 - time.perf_counter()))
+        a = _Round(f.out + f.draft + [g], d, ms, f.seq + 1, g)
+        if draft_ahead and not f.task.done() and g not in STOP:
+            body = {"session_id": user["sid"], "seq": a.seq, "base_len": len(prompt) + a.pos, "append": [],
+                    "draft": d, "guess": g}
+            if est.srtt_ms is not None:
+                body["rtt_ms"] = round(est.srtt_ms, 3)
+            a.task = _sent(timed(body))
+        return a
+
+    async def drop_ahead() -> None:
+        """The round drafted after the one in flight is ruled out; a sent one's 412 is due."""
+        nonlocal ahead, ahead_job, dropped
+        if ahead_job is not None:
+            ahead_job.cancel()
+            await asyncio.wait((ahead_job,))
+            if not ahead_job.cancelled() and ahead_job.exception() is None:
+                ahead = ahead_job.result()
+            ahead_job = None
+        if ahead is not None and ahead.task is not None:
+            stale.append(ahead.task)
+            dropped += 1
+        ahead = None
+
+    try:
+        while True:
+            if fly is None:
+                if ahead_job is not None:
+                    ahead, ahead_job = await ahead_job, None
+                if ahead is not None and ahead.out != tokens:
+                    await drop_ahead()
+                if ahead is not None and ahead.task is not None:
+                    fly, ahead = ahead, None
+                else:
+                    if resend is not None:                      # a re-sync resends the same draft: drafted once
+                        fly, resend = _Round(list(tokens), resend.draft, resend.ms, seq), None
+                    elif ahead is not None and ahead.draft:      # drafted ahead, held: it is for this answer
+                        fly = _Round(list(tokens), ahead.draft, ahead.ms, seq)
+                    elif base == 0 and seq == 0 and parallel_prefill:
+                        fly = _Round([], [], 0.0, seq)
+                    else:
+                        d, ms = plan(len(tokens), tokens)
+                        ms = FAST_MS_PER_TOKEN * len(d) if fast else ms
+                        await asyncio.sleep(ms / 1e3)
+                        fly = _Round(list(tokens), d, ms, seq)
+                    ahead = None
+                    for task in stale:                          # its seq is ours now: let its 412 land first
+                        with contextlib.suppress(Exception):
+                            await task
+                    stale = []
+                    send_plain(fly)
+            if ahead_job is None and (draft_ahead or (parallel_prefill and not fly.draft and fly.pos == 0)):
+                ahead_job = asyncio.ensure_future(draft_after(fly, time.perf_counter()))
+            status, data, wall = await fly.task
+            r, fly = fly, None
+            if status != 200:
+                await drop_ahead()
+                if status == 412 and r.guess is not None:      # sent ahead, and the round before ended otherwise
+                    dropped += 1
+                    continue
+                if status == 409 and base and resyncs < 100:
+                    base, resyncs, resend = 0, resyncs + 1, r
+                    continue
+                o.error = f"HTTP {status}: {str(data)[:300]}"
+                return
+            est.observe(wall - data["timing"]["server_ms"])
+            n = data["accepted"]
+            new = r.draft[:n] + [data["next_token"]]
+            rounds, drafted, accepted = rounds + 1, drafted + len(r.draft), accepted + n
+            kept += r.guess is not None
+            draft_ms += r.ms
+            compute_ms += data["timing"]["compute_ms"]
+            ctx += new
+            base, seq = data["committed_len"], r.seq + 1
+            if n < len(r.draft):
+                await drop_ahead()                 # it was drafted after the whole draft: ruled out
+            if _chunk(o, tokens, new, n_max, st):
+                break
+    finally:
+        for task in [ahead_job, *(x.task for x in (fly, ahead) if x is not None), *stale]:
+            if task is not None and not task.done():
+                task.cancel()
     with contextlib.suppress(Exception):
-        async with http.delete(f"{url}/v1/sessions/{user['sid']}") as r:
-            await r.read()
+        async with http.delete(f"{url}/v1/sessions/{user['sid']}") as resp:
+            await resp.read()
     o.finish_reason = "stop" if tokens and tokens[-1] in STOP else "length"
     o.figures = {"mode": "edge_cloud", "rounds": rounds, "drafted": drafted, "accepted": accepted,
                  "tokens": len(tokens), "tokens_by_source": {"draft": len(tokens) - min(rounds, len(tokens)),
                                                               "target": min(rounds, len(tokens)), "edge": 0},
-                 "compute_ms": round(compute_ms, 3), "compute_ms_per_round": round(compute_ms / rounds, 3),
-                 "draft_ms_per_round": round(draft_ms / rounds, 3), "rtt_ms": est.srtt_ms, "fallbacks": 0,
-                 "resyncs": resyncs, "timing": user.get("timing", "cpu2")}
+                 "compute_ms": round(compute_ms, 3), "compute_ms_per_round": round(compute_ms / max(rounds, 1), 3),
+                 "draft_ms_per_round": round(draft_ms / max(rounds, 1), 3), "rtt_ms": est.srtt_ms, "fallbacks": 0,
+                 "resyncs": resyncs, "timing": user.get("timing", "cpu2"), "parallel_prefill": parallel_prefill,
+                 "draft_ahead": draft_ahead, "ahead_kept": kept, "ahead_dropped": dropped}
 
 
 async def run_users_here(users: list[dict], epoch_perf: float) -> list[dict]:

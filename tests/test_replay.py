@@ -13,6 +13,7 @@ from ablations.linkemu import LinkEmulator, LinkProfile
 from cloud.server import start_cloud
 from cloud.verifier import Verifier
 from common.config import load_config
+from tests.conftest import TableBackend
 
 
 def test_rtt_mixture_is_seeded_clipped_and_shared_as_its_components():
@@ -117,3 +118,89 @@ def test_a_user_cut_at_its_deadline_counts_what_it_got_and_frees_its_session(tab
     o = RequestOutput(**r["output"])
     assert o.finish_reason == "deadline" and o.success and 0 < o.output_tokens < 10
     assert o.latency == 0.5 and o.chunk_times[-1] < 0.5 and not still_there
+
+
+def test_draft_plan_guess_is_the_recorded_one_else_the_reference_token_after_the_draft():
+    s = {"prompt": [1], "fallback": [4, 5, 6, 7, 8, 9], "trace": {"0": [[4, 5, 9], 30.0], "3": [[7, 8], 50.0]},
+         "accepted": {"0": [3, 2], "3": [2, 2]}, "guess": {"3": 30}}
+    rec = replay.draft_plan(s, "recorded")
+    assert rec.guess(3, [7, 8], [4, 5, 6]) == 30              # the drafter's recorded guess (trace_guesses.py)
+    assert rec.guess(0, [4, 5, 9], []) == 7                  # none recorded: the reference's token after the draft
+    assert rec.guess(4, [8, 9], [4, 5, 6, 7]) is None          # the answer ends within the draft
+    pat = replay.draft_plan(s, "pattern")                      # right exactly when the round accepts all (a == L)
+    assert pat.guess(3, pat(3, [])[0], []) == 9 and pat.guess(0, pat(0, [])[0], []) == 7
+
+
+class SlowTable(TableBackend):
+    """The table target, 0.2 s per call: a round sent ahead reaches the cloud while the one before verifies."""
+
+    def logits(self, *a, **kw):
+        time.sleep(0.2)
+        return super().logits(*a, **kw)
+
+
+def logged(verifier):
+    """Record each verify request at the cloud: (arrival, done, seq, draft, guess, status)."""
+    log, verify = [], verifier.verify
+
+    async def wrapped(req, **kw):
+        t, status = time.perf_counter(), 200
+        try:
+            return await verify(req, **kw)
+        except Exception as e:
+            status = getattr(e, "status", 500)
+            raise
+        finally:
+            log.append((t, time.perf_counter(), req.seq, list(req.draft), req.guess, status))
+    verifier.verify = wrapped
+    return log
+
+
+def test_parallel_prefill_and_draft_ahead_replay_as_the_edge_makes_them():
+    # round 0 recorded with 0.5 s of drafting (the edge's prefill in it); the others 40 and 20 ms
+    trace = {"0": [[4, 5, 9], 500.0], "3": [[7, 8, 9, 10], 40.0], "8": [[12, 0], 20.0]}
+
+    async def body(url, verifier):
+        log = logged(verifier)
+        epoch = time.perf_counter()
+        u = user(url, "tandem", trace=trace, parallel_prefill=True, draft_ahead=True)
+        got = (await replay.run_users_here([u], epoch))[0]
+        return got, log, epoch + u["arrival_s"], verifier.stats.stale_rounds
+    r, log, start, stale = with_cloud(SlowTable(), body)
+    o = RequestOutput(**r["output"])
+    assert r["tokens"] == TRACE["fallback"] and o.success
+    log.sort()
+    t0, _, seq0, draft0, guess0, _ = log[0]
+    # round 0: the prompt alone, sent at once (one way is RTT/2), not after round 0's 0.5 s of drafting
+    assert (seq0, draft0, guess0) == (0, [], None) and t0 - start < 0.25
+    assert o.ttft < 0.5                                     # the target's first token before the edge's draft is done
+    # the first drafted round: the recorded round 0 after its first token (the drafter's guess of token 0, right
+    # here, so it is sent as drafted), its 0.5 s counted from round 0's send
+    first = next(x for x in log if x[2] == 1)
+    assert first[3:5] == ([5, 9], None) and first[0] - start >= 0.5
+    # rounds sent ahead (with a guess) reach the cloud while the round before is verifying: sent before its answer
+    ahead = [x for x in log if x[4] is not None]
+    assert [(x[2], x[4], x[5]) for x in ahead] == [(2, 7, 412), (3, 11, 200)]
+    for x in ahead:
+        before = next(y for y in log if y[2] == x[2] - 1 and y[5] == 200)
+        assert x[0] < before[1]
+    # the 412'd one (round 1 accepted 1 of 2) is drafted afresh: round 2 again, as a plain round, after the 412
+    again = next(x for x in log if x[2] == 2 and x[4] is None)
+    assert again[3] == [7, 8, 9, 10] and again[0] > ahead[0][1]
+    assert stale == 1
+    f = o.figures
+    assert (f["rounds"], f["drafted"], f["accepted"], f["ahead_kept"], f["ahead_dropped"]) == (4, 8, 6, 1, 1)
+    assert o.chunk_tokens == [1, 2, 5, 2]
+
+
+def test_pattern_drafts_with_draft_ahead_keep_the_round_after_a_fully_accepted_one():
+    async def body(url, verifier):
+        log = logged(verifier)
+        u = user(url, "tandem", drafts="pattern", draft_ahead=True)
+        return (await replay.run_users_here([u], time.perf_counter()))[0], log
+    r, log = with_cloud(SlowTable(), body)
+    assert r["tokens"] == TRACE["fallback"] and r["output"]["success"]
+    # round 0 accepts 2 of 3: the round drafted after it is refused; round 1 accepts 4 of 4: the next is kept
+    assert sorted((x[2], x[4], x[5]) for x in log if x[4] is not None) == [(1, 7, 412), (2, 11, 200)]
+    f = r["output"]["figures"]
+    assert (f["rounds"], f["ahead_kept"], f["ahead_dropped"]) == (3, 1, 1) and not f["parallel_prefill"]
