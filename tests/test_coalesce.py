@@ -456,3 +456,19 @@ def test_in_engine_step_answers_share_a_frame(batching):
             backend.close()
     frames = asyncio.run(main())
     assert frames == 1 if batching else frames == n
+
+
+def test_batching_experiments_start_one_cloud_for_on_and_off():
+    """The switch is the edge's (it asks the cloud on /v1/ws?coalesce=1), so rtt_batching on and off share one
+    cloud: the GPU experiment starts vLLM once, its cells one at a time on one 2-core edge lane."""
+    from pathlib import Path
+    from ablations import runner
+    from ablations.experiment import cells, cloud_side, load_experiment, parse_cpus
+    assert not cloud_side("switches.rtt_batching") and cloud_side("coalesce.max_wait_ms")
+    for name in ("rtt_batching", "gpu_rtt_batching"):
+        exp = load_experiment(Path(f"ablations/experiments/{name}.yaml"))
+        todo = cells(exp)
+        assert len(todo) == 6 and len(runner.waves(todo)) == 1
+        assert sorted(c.rtt_ms for c in todo if c.row == "batching_on") == [20, 300, 1000]
+    assert exp.base["cloud.backend"] == "vllm" and exp.base["cloud.vllm.frontends"] == 1
+    assert [len(parse_cpus(e)) for e in exp.device.cpus.edges] == [2] and exp.base["draft.n_threads"] == 2
