@@ -53,6 +53,10 @@ class Users(_Strict):
     transport: Literal["ws", "http"] = "ws"
     client_procs: int = Field(1, ge=1)               # processes running the replayed users
     link_procs: int = Field(1, ge=1)                 # link emulator processes (the users' links split among them)
+    # the replayed Tandem users' edge features (ablations/replay.py _tandem), as switches.parallel_prefill and
+    # switches.draft_ahead do on a real edge; off (the default): one round at a time, as the edge did before them
+    parallel_prefill: bool = False
+    draft_ahead: bool = False
 
 
 class Population(Users):
@@ -86,6 +90,10 @@ class Row(_Strict):
     shape: Optional[Literal["qwen14b", "qwen15b"]] = None   # random weights of this shape (cloud.vllm load_format dummy)
     datasets: Optional[list[Literal["humaneval", "mtbench"]]] = None   # goodput: this row's datasets (default: all)
     levels: Optional[list[int]] = None                               # goodput: this row's levels (default: all)
+    parallel_prefill: Optional[bool] = None          # this row's replayed users' edge features (default: the users
+    draft_ahead: Optional[bool] = None               # section's parallel_prefill / draft_ahead)
+    versus: Optional[str] = None                     # population: the FIFO row this row is compared with (default:
+                                                     # fifo; the row fifo itself with none)
 
 
 class PopulationExperiment(_Strict):
@@ -97,6 +105,7 @@ class PopulationExperiment(_Strict):
     stage: Optional[str] = None                      # a folder of staged GGUFs: TANDEM_CACHE (the GPU machine)
     base: dict[str, Any] = {}
     matrix: dict[str, Row] = Field(min_length=1)
+    rows: Optional[list[str]] = None                 # run only these rows of the matrix (--set rows=[a,b]); default: all
     population: Optional[Population] = None
     goodput: Optional[Goodput] = None
 
@@ -112,7 +121,27 @@ class PopulationExperiment(_Strict):
                 load_config(overrides={**self.base, **row.overrides})
             except ConfigError as e:
                 raise ValueError(f"matrix.{label}: {e}") from None
+            if row.versus is not None and (row.versus not in self.matrix or row.versus == label):
+                raise ValueError(f"matrix.{label}.versus: {row.versus!r} is not another row of the matrix")
+        unknown = [r for r in self.rows or [] if r not in self.matrix]
+        if unknown:
+            raise ValueError(f"rows: {', '.join(unknown)} not in the matrix ({', '.join(self.matrix)})")
         return self
+
+    def labels(self) -> list[str]:
+        """The rows this run runs, in the matrix's order."""
+        return [label for label in self.matrix if self.rows is None or label in self.rows]
+
+    def versus(self, label: str) -> Optional[str]:
+        """population: the FIFO row `label` is compared with (None: it is the reference)."""
+        v = self.matrix[label].versus
+        return v if v is not None else (None if label == "fifo" else "fifo")
+
+    def features(self, label: str) -> dict[str, bool]:
+        """The replayed Tandem users' edge features in this row."""
+        users, row = getattr(self, self.kind), self.matrix[label]
+        return {k: getattr(row, k) if getattr(row, k) is not None else getattr(users, k)
+                for k in ("parallel_prefill", "draft_ahead")}
 
     def overrides(self, label: str) -> dict[str, Any]:
         return {**self.base, **self.matrix[label].overrides}
@@ -206,19 +235,21 @@ def traces_by_dataset(w: Users) -> dict[str, list[dict]]:
 
 
 def make_users(traces: dict[str, list[dict]], n: int, w: Users, rtts: list[float], arrivals: list[float],
-               urls: list[str], system: str, timing: str, tag: str) -> list[dict]:
-    """n users: user i alternates datasets and cycles through each dataset's traces."""
+               urls: list[str], system: str, timing: str, tag: str, features: Optional[dict] = None) -> list[dict]:
+    """n users: user i alternates datasets and cycles through each dataset's traces. features: the replayed
+    Tandem users' edge features (PopulationExperiment.features; default: the users section's)."""
+    features = features or {"parallel_prefill": w.parallel_prefill, "draft_ahead": w.draft_ahead}
     users, counters = [], {ds: 0 for ds in traces}
     names = list(traces)
     for i in range(n):
         ds = names[i % len(names)]
         t = traces[ds][counters[ds] % len(traces[ds])]
         counters[ds] += 1
-        users.append({**{k: t[k] for k in ("id", "set", "prompt", "trace", "accepted", "fallback") if k in t},
+        users.append({**{k: t[k] for k in ("id", "set", "prompt", "trace", "accepted", "fallback", "guess") if k in t},
                       "text": t.get("text"), "uid": f"{tag}-u{i:04d}", "sid": f"{tag}-u{i:04d}", "url": urls[i],
                       "system": system, "timing": timing, "drafts": w.drafts, "transport": w.transport,
                       "arrival_s": arrivals[i], "rtt_ms": rtts[i], "rtt_class": rtt_class_of(rtts[i]),
-                      "max_tokens": w.max_tokens})
+                      "max_tokens": w.max_tokens, **features})
     return users
 
 
@@ -330,7 +361,25 @@ def policy_summary(results: list[dict], users: list[dict], window_s: float) -> d
     tokens = sum(o.output_tokens for o in ok)
     return {"effective_tok_s": round(tokens / (last - first), 3) if last > first else None,
             "tokens": tokens, "completed": len(ok), "failed": len(outs) - len(ok), "makespan_s": round(last - first, 2),
-            "per_class": class_table(results, users), "timeline": timeline(results, window_s)}
+            "per_class": class_table(results, users), "timeline": timeline(results, window_s),
+            "replayed": replayed_figures(results)}
+
+
+def replayed_figures(results: list[dict]) -> dict:
+    """The replayed Tandem users' rounds, summed (their GenStats-like figures): tau = (accepted + rounds) / rounds."""
+    keys = ("rounds", "drafted", "accepted", "ahead_kept", "ahead_dropped", "resyncs")
+    tot = dict.fromkeys(keys, 0)
+    users = 0
+    for r in results:
+        f = r["output"].get("figures") or {}
+        if r.get("real") or f.get("mode") != "edge_cloud":
+            continue
+        users += 1
+        for k in keys:
+            tot[k] += f.get(k) or 0
+    tot["users"] = users
+    tot["tau"] = round((tot["accepted"] + tot["rounds"]) / tot["rounds"], 3) if tot["rounds"] else None
+    return tot
 
 
 # ---- population ------------------------------------------------------------------------------------
@@ -341,13 +390,14 @@ def population_cell(exp: PopulationExperiment, label: str, log_dir: Path) -> dic
     rtts = replay.sample_rtts(w.users, w.seed)
     arrivals = arrival_times(w.users, w.request_rate, 1.0, w.seed)
     over = {**exp.overrides(label), **shape_override(exp.matrix[label], log_dir)}
-    rec = {"row": label, "overrides": over, "load_at_start": _load(), "logs": str(log_dir.relative_to(log_dir.parents[1]))}
+    rec = {"row": label, "overrides": over, "replay_features": exp.features(label), "load_at_start": _load(),
+           "logs": str(log_dir.relative_to(log_dir.parents[1]))}
     t0 = time.perf_counter()
     with Stack(log_dir) as stack:
         cloud = start_cloud(stack, set_args(over), START_TIMEOUT_S)
         rec["startup_s"] = round(time.perf_counter() - t0, 1)
         urls = start_links(stack, cloud.url, rtts, w.seed, w.link_procs, log_dir)
-        users = make_users(traces, w.users, w, rtts, arrivals, urls, "tandem", w.timing, label)
+        users = make_users(traces, w.users, w, rtts, arrivals, urls, "tandem", w.timing, label, exp.features(label))
         real = []
         for u in users[:w.real_edges]:             # arrivals are in order: the first users are the real ones
             if not u.get("text"):
@@ -385,9 +435,17 @@ def population_result(exp: PopulationExperiment, cells: dict[str, dict], meta: d
     if {"fifo", "health"} <= set(pol):
         res["worst_class_slowdown"] = worst_class_slowdown(pol["fifo"]["per_class"], pol["health"]["per_class"])["value"]
         res["worst_class_slowdown_detail"] = worst_class_slowdown(pol["fifo"]["per_class"], pol["health"]["per_class"])
-    if "fifo" in pol:                    # every other policy's, the same way (health: the figure above)
-        res["slowdown_vs_fifo"] = {label: worst_class_slowdown(pol["fifo"]["per_class"], p["per_class"])
-                                   for label, p in pol.items() if label != "fifo"}
+    # every other policy's against its FIFO row (PopulationExperiment.versus; health against fifo: the figure
+    # above), with its effective throughput over that row's
+    res["slowdown_vs_fifo"] = {}
+    for label, p in pol.items():
+        ref = exp.versus(label)
+        if ref in pol:
+            d = worst_class_slowdown(pol[ref]["per_class"], p["per_class"])
+            a, b = p.get("effective_tok_s"), pol[ref].get("effective_tok_s")
+            d["versus"] = ref
+            d["effective_tok_s_ratio"] = round(a / b, 3) if a and b else None
+            res["slowdown_vs_fifo"][label] = d
     return res
 
 
@@ -420,7 +478,8 @@ def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path, progress=
     n_max = max(levels)
     rtts = replay.sample_rtts(n_max, g.seed)
     over = {**exp.overrides(label), **shape_override(row, log_dir)}
-    rec = {"row": label, "overrides": over, "load_at_start": _load(), "levels": {}, "refs": {}}
+    rec = {"row": label, "overrides": over, "replay_features": exp.features(label), "load_at_start": _load(),
+           "levels": {}, "refs": {}}
     t0 = time.perf_counter()
     with Stack(log_dir) as stack:
         cloud = start_cloud(stack, set_args(over), START_TIMEOUT_S)
@@ -443,7 +502,8 @@ def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path, progress=
                     for n in levels:
                         arrivals = [g.stagger_s * i / n for i in range(n)]
                         users = make_users({ds: ts}, n, g, rtts[:n], arrivals, urls[:n], system,
-                                           timing if timing != "-" else "cpu2", f"{label}-{ds}-{system}-{timing}-{n}")
+                                           timing if timing != "-" else "cpu2", f"{label}-{ds}-{system}-{timing}-{n}",
+                                           exp.features(label))
                         for u in users:
                             u["deadline_s"] = g.deadline_s
                         t = time.perf_counter()
@@ -451,6 +511,8 @@ def goodput_cell(exp: PopulationExperiment, label: str, log_dir: Path, progress=
                         fig = level_figures(got, g.percentile, g.slo_ttft_ms, g.slo_tpot_ms)
                         fig["wall_s"] = round(time.perf_counter() - t, 1)
                         fig["per_class"] = class_table(got, users)
+                        if system == "tandem":
+                            fig["replayed"] = replayed_figures(got)
                         errs = [r["output"]["error"] for r in got if r["output"]["error"]]
                         fig["errors"] = errs[:3]
                         rec["levels"][key].append(fig)
@@ -504,7 +566,7 @@ def run(path: Path, out: Path, sets: list[str], argv: list[str]) -> int:
     print(f"{exp.name}: {exp.question}\nresults -> {out}", file=sys.stderr)
     with sigterm_as_interrupt():
         try:
-            for label in exp.matrix:
+            for label in exp.labels():
                 def progress(rec, label=label):
                     write(exp, {**cells, label: rec}, meta, out, t0, final=False)
                 try:
@@ -532,7 +594,7 @@ def write(exp: PopulationExperiment, cells: dict, meta: dict, out: Path, t0: flo
     from ablations import population_report
     from ablations.runner import _load
     meta = dict(meta, duration_s=round(time.perf_counter() - t0, 1), load_end=_load(),
-                complete=final and len(cells) == len(exp.matrix) and not any("error" in c for c in cells.values()))
+                complete=final and len(cells) == len(exp.labels()) and not any("error" in c for c in cells.values()))
     if exp.kind == "population":
         result = population_result(exp, cells, meta)
     else:
@@ -549,10 +611,19 @@ def real_text(exp: PopulationExperiment) -> str:
                 f"{w.real_edges} user(s) by arrival over their OpenAI API (ablations/bench.py's client). Replayed: the "
                 f"other {w.users - w.real_edges} users, light clients (ablations/replay.py) sending the drafts recorded "
                 f"from the real drafter ({w.traces}, {w.drafts} drafts, {w.timing} timing) as verify rounds over "
-                f"{w.transport} to the same cloud through their own links.")
+                f"{w.transport} to the same cloud through their own links. {features_text(exp)}")
     g = exp.goodput
     return (f"Real: the cloud (start_cloud.py) and the link emulators (one link per user at its RTT). Replayed: every "
             f"user (ablations/replay.py): Tandem users send the real drafter's accept/reject pattern ({g.traces}, "
             f"{g.drafts} drafts) on the target's own greedy answers on this engine, with the recorded draft time "
             f"(cpu2) or 10 ms per drafted token (fast); plain users stream the target's tokens from the same cloud's "
-            f"/v1/generate (what cloud-only does).")
+            f"/v1/generate (what cloud-only does). {features_text(exp)}")
+
+
+def features_text(exp: PopulationExperiment) -> str:
+    """Which edge features the replayed Tandem users ran, per row."""
+    def one(label):
+        on = [k for k, v in exp.features(label).items() if v]
+        return f"{label}: {' + '.join(on) if on else 'none (one round at a time)'}"
+    return ("The replayed Tandem users' edge features (ablations/replay.py: parallel_prefill, draft_ahead), per row: "
+            + "; ".join(one(label) for label in exp.labels()) + ".")

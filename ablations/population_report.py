@@ -82,15 +82,23 @@ def population_md(result: dict) -> str:
                   f"**{_num(result['worst_class_slowdown'], '{:.2f}')}** ({d.get('class')}); per class: "
                   + ", ".join(f"{c} {v:.2f}" for c, v in (d.get("per_class") or {}).items()), ""]
     for label, d in (result.get("slowdown_vs_fifo") or {}).items():
-        if label != "health":
-            over = exp["matrix"][label]["overrides"]
-            lines += [f"Policy {label} ({', '.join(f'{k}={v}' for k, v in over.items())}): worst class slowdown vs FIFO "
+        if label != "health" or d.get("versus", "fifo") != "fifo":
+            row = exp["matrix"][label]
+            what = [f"{k}={v}" for k, v in row["overrides"].items()]
+            what += [f"replayed {k}={v}" for k in ("parallel_prefill", "draft_ahead") if (v := row.get(k)) is not None]
+            ratio = d.get("effective_tok_s_ratio")
+            lines += [f"Policy {label} ({', '.join(what)}): worst class slowdown vs {d.get('versus', 'fifo')} "
                       f"**{_num(d.get('value'), '{:.2f}')}** ({d.get('class')}); per class: "
-                      + ", ".join(f"{c} {v:.2f}" for c, v in (d.get("per_class") or {}).items()), ""]
-    lines += ["| policy | effective tok/s | completed | failed | makespan s |", "|---|---|---|---|---|"]
+                      + ", ".join(f"{c} {v:.2f}" for c, v in (d.get("per_class") or {}).items())
+                      + (f"; effective tok/s ×{ratio:.2f}" if ratio is not None else ""), ""]
+    lines += ["| policy | effective tok/s | completed | failed | makespan s | replayed edges | replayed τ | "
+              "ahead kept / dropped |", "|---|---|---|---|---|---|---|---|"]
     for p, s in pol.items():
+        rf = (result.get("cells") or {}).get(p, {}).get("replay_features") or {}
+        rp = s.get("replayed") or {}
         lines.append(f"| {p} | {_num(s.get('effective_tok_s'), '{:.2f}')} | {s.get('completed')} | {s.get('failed')} | "
-                     f"{_num(s.get('makespan_s'), '{:.1f}')} |")
+                     f"{_num(s.get('makespan_s'), '{:.1f}')} | {' + '.join(k for k, v in rf.items() if v) or '—'} | "
+                     f"{_num(rp.get('tau'), '{:.2f}')} | {rp.get('ahead_kept', '—')} / {rp.get('ahead_dropped', '—')} |")
     lines += ["", "| class | users | policy | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |",
               "|---|---|---|---|---|---|---|"]
     for c in RTT_CLASSES:
@@ -227,7 +235,10 @@ def goodput_md(result: dict) -> str:
         if cell.get("error"):
             lines += ["", f"Cell {label} failed: `{cell['error'][:1500]}`"]
         elif cell.get("refs"):
-            lines += ["", f"- {label}: engine/cloud start {cell.get('startup_s')} s, cell {cell.get('wall_s')} s; the "
+            rf = cell.get("replay_features")
+            feats = "" if rf is None else f"replayed Tandem edges with {' + '.join(k for k, v in rf.items() if v) or 'neither'}" \
+                " of parallel_prefill / draft_ahead; "
+            lines += ["", f"- {label}: {feats}engine/cloud start {cell.get('startup_s')} s, cell {cell.get('wall_s')} s; the "
                       "target's greedy answers here identical to the recorded ones: "
                       + ", ".join(f"{ds} {v['identical_to_recorded']}/{v['of']}" for ds, v in cell['refs'].items())]
     if exp.get("notes"):

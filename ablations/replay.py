@@ -589,21 +589,21 @@ async def _tandem(send, http, url, user, o, tokens, st, est) -> None:
                 await drop_ahead()                 # it was drafted after the whole draft: ruled out
             if _chunk(o, tokens, new, n_max, st):
                 break
-    finally:
+    finally:                                       # the figures so far also for a user cut at its deadline
         for task in [ahead_job, *(x.task for x in (fly, ahead) if x is not None), *stale]:
             if task is not None and not task.done():
                 task.cancel()
+        o.figures = {"mode": "edge_cloud", "rounds": rounds, "drafted": drafted, "accepted": accepted,
+                     "tokens": len(tokens), "tokens_by_source": {"draft": len(tokens) - min(rounds, len(tokens)),
+                                                                  "target": min(rounds, len(tokens)), "edge": 0},
+                     "compute_ms": round(compute_ms, 3), "compute_ms_per_round": round(compute_ms / max(rounds, 1), 3),
+                     "draft_ms_per_round": round(draft_ms / max(rounds, 1), 3), "rtt_ms": est.srtt_ms, "fallbacks": 0,
+                     "resyncs": resyncs, "timing": user.get("timing", "cpu2"), "parallel_prefill": parallel_prefill,
+                     "draft_ahead": draft_ahead, "ahead_kept": kept, "ahead_dropped": dropped}
     with contextlib.suppress(Exception):
         async with http.delete(f"{url}/v1/sessions/{user['sid']}") as resp:
             await resp.read()
     o.finish_reason = "stop" if tokens and tokens[-1] in STOP else "length"
-    o.figures = {"mode": "edge_cloud", "rounds": rounds, "drafted": drafted, "accepted": accepted,
-                 "tokens": len(tokens), "tokens_by_source": {"draft": len(tokens) - min(rounds, len(tokens)),
-                                                              "target": min(rounds, len(tokens)), "edge": 0},
-                 "compute_ms": round(compute_ms, 3), "compute_ms_per_round": round(compute_ms / max(rounds, 1), 3),
-                 "draft_ms_per_round": round(draft_ms / max(rounds, 1), 3), "rtt_ms": est.srtt_ms, "fallbacks": 0,
-                 "resyncs": resyncs, "timing": user.get("timing", "cpu2"), "parallel_prefill": parallel_prefill,
-                 "draft_ahead": draft_ahead, "ahead_kept": kept, "ahead_dropped": dropped}
 
 
 async def run_users_here(users: list[dict], epoch_perf: float) -> list[dict]:
