@@ -382,7 +382,8 @@ def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) ->
         c1 = {**c1, "latency_ms": None, "queue_ms": None}
     edge_stats = {**_diff(e1, e0, EDGE_COUNTERS),
                   "hold_counts": _diff_list(((e1 or {}).get("link_frames") or {}).get("hold_counts"),
-                                            ((e0 or {}).get("link_frames") or {}).get("hold_counts"))}
+                                            ((e0 or {}).get("link_frames") or {}).get("hold_counts")),
+                  "drafting": (e1 or {}).get("drafting")}
     cloud_stats = {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"), "queue_ms": c1.get("queue_ms"),
                    "ws_hold_counts": _diff_list(c1.get("ws_hold_counts"), c0.get("ws_hold_counts"))} if c1 else None
     return {**summarise(cell.mode, cell.rtt_ms, bench, c1), **link_figures(cloud_stats, edge_stats),

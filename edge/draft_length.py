@@ -31,6 +31,22 @@ The inputs are estimated online:
             slope from k in {1, 2} alone was noise that kept k at 1.
   RTT       the link's RFC 6298 SRTT (edge/link.py).
 
+Where the draft stops (the confidence gate of an adaptive draft, RateGate). The up-front k of a
+geometric alpha is the best length *on average*; but the drafter knows, token by token, how sure it
+is, and its confidence predicts acceptance. So an adaptive draft runs up to max_k and, after each step,
+weighs the token it just made: with q_i = P(token i accepted | its confidence) (Calibration, learned
+per edge from the cloud's answers), the draft's first j tokens are all accepted with P_j = q_1 ... q_j
+and the round commits E(j) = 1 + P_1 + ... + P_j tokens in expectation. After step j it
+
+  takes token j   when E(j) / cost(j) >= E(j-1) / cost(j-1), both paying the j steps already run (a
+                  GPU's verify is flat: a made token is free to send; a CPU cloud pays for it);
+  drafts on       when some m >= 1 more tokens, each accepted with the session's alpha, give
+                  max_m E(j+m) / cost(j+m) > E(j) / cost(j): the next tokens are worth their steps.
+
+cost(j) is round_rate's (j steps, the flight, the verify, the overlap draft-ahead buys). A far link
+makes every round dear, so a draft runs on through tokens of middling confidence; a near one stops at
+the first doubt; confident stretches (code that restates its prompt) run long at any RTT.
+
 Prompt lookup (switches.ngram_draft) is a second draft source with an alpha of its own (a session's
 lookups and its model drafts are right at different rates): each round the edge compares the best
 lookup draft, m of the tokens found at no drafting cost, with the best model draft, and sends the one
@@ -44,6 +60,8 @@ ALPHA0, PRIOR_TRIALS = 0.7, 4.0   # before a session's first round: acceptance 0
 LOOKUP_ALPHA0 = 0.5               # ... of prompt-lookup drafts
 FORGET_TRIAL = 0.95                # alpha: a token 20 tries back weighs 0.95^20 = 0.36
 FORGET = 0.9                      # verify cost: per round, the round 10 rounds back weighs 0.9^10 = 0.35
+CAL_BINS, CAL_PRIOR = 10, 3.0       # confidence -> acceptance: 10 bins, each starting at its midpoint worth 3 tokens
+CAL_FORGET = 0.995                 # ... and remembering about the last 200 tokens that fell in it
 ALPHA_MAX = 0.98                  # keep 1 - alpha away from 0 (alpha = 1 would make every k as good as max_k)
 
 
@@ -52,17 +70,23 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, ahead: bool = False) -> float:
-    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms.
+def round_cost(draft_ms: float, flight_ms: float, p_ahead: float) -> float:
+    """A round's ms (D = draft_ms, F = flight_ms = RTT + t_verify). p_ahead = P(the round drafted ahead of
+    it holds). The edge keeps one round ahead: round r+1 is drafted from r's send, and r+2 from when r+1
+    takes r's place in flight (r's answer, at F, or r+1's draft done, at D, whichever is later). While
+    rounds hold, answers come at F, D+F, 2F+D, 2F+2D, ... when D < F (two rounds per D + F) and every D when
+    D >= F: a cycle of max(D, (D + F) / 2). A round that does not hold is followed by one drafted after
+    its answer: D + F.
+        cost = p * max(D, (D + F) / 2) + (1 - p) * (D + F)"""
+    return p_ahead * max(draft_ms, flight_ms) + (1 - p_ahead) * (draft_ms + flight_ms)
 
-    ahead (switches.draft_ahead): the round after this one is drafted while this one flies. When this
-    one accepts all k and then the guess (p = alpha^(k+1)), that round is on the wire already and the
-    cycle is max(draft, flight); otherwise the edge drafts afresh after the answer, draft + flight:
-        cost = p * max(draft, RTT + t_verify) + (1 - p) * (draft + RTT + t_verify)"""
+
+def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, ahead: bool = False) -> float:
+    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms: E[tau(k)] / round_cost,
+    where (ahead: switches.draft_ahead) the round after holds when this one accepts all k and then the
+    guess, p = alpha^(k+1)."""
     alpha = min(max(alpha, 0.0), ALPHA_MAX)
-    flight = rtt_ms + verify_ms(k)
-    p = alpha ** (k + 1) if ahead else 0.0
-    cost = p * max(draft_ms, flight) + (1 - p) * (draft_ms + flight)
+    cost = round_cost(draft_ms, rtt_ms + verify_ms(k), alpha ** (k + 1) if ahead else 0.0)
     return expected_tokens(alpha, k) / max(cost, 1e-3)
 
 
@@ -96,6 +120,73 @@ class Acceptance:
         fade = FORGET_TRIAL ** trials
         self.hits = fade * self.hits + accepted
         self.trials = fade * self.trials + trials
+
+
+class Calibration:
+    """P(a drafted token is accepted | the drafter's confidence in it), per edge: CAL_BINS bins over [0, 1],
+    each a Beta posterior with slow forgetting. Prior: the confidence itself (max_prob is the draft model's
+    probability of its own token), worth CAL_PRIOR tokens. A round's tokens up to its first rejection
+    were tried: the accepted ones count as hits, the rejected one as a miss, the rest not at all."""
+
+    def __init__(self) -> None:
+        mid = [(b + 0.5) / CAL_BINS for b in range(CAL_BINS)]
+        self.hits, self.trials = [m * CAL_PRIOR for m in mid], [CAL_PRIOR] * CAL_BINS
+
+    @staticmethod
+    def _bin(conf: float) -> int:
+        return min(max(int(conf * CAL_BINS), 0), CAL_BINS - 1)
+
+    def q(self, conf: float) -> float:
+        b = self._bin(conf)
+        return self.hits[b] / self.trials[b]
+
+    def table(self) -> list[dict]:
+        """Per bin: its confidence range, the acceptance it now predicts, and the evidence behind it (faded
+        tokens, the prior's CAL_PRIOR included)."""
+        return [{"confidence": [b / CAL_BINS, (b + 1) / CAL_BINS], "accepted": round(h / t, 3),
+                 "weight": round(t, 1)} for b, (h, t) in enumerate(zip(self.hits, self.trials))]
+
+    def observe(self, confidences: list[float], accepted: int) -> None:
+        for i, conf in enumerate(confidences[:accepted + 1]):
+            b = self._bin(conf)
+            self.hits[b] = CAL_FORGET * self.hits[b] + (i < accepted)
+            self.trials[b] = CAL_FORGET * self.trials[b] + 1.0
+
+
+class RateGate:
+    """Where an adaptive draft stops (module docstring): called by the drafter with each new token's
+    confidence, it answers (take the token, draft on). Built per draft on the event loop, used in the
+    drafter's thread: it holds its own copies of the inputs (verify ms per length precomputed)."""
+
+    def __init__(self, calibration: Calibration, alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms,
+                 max_k: int, ahead: bool = False) -> None:
+        self.q = calibration.q
+        self.alpha = min(max(alpha, 0.0), ALPHA_MAX)
+        self.t_draft, self.rtt, self.max_k, self.ahead = t_draft_ms, rtt_ms, max_k, ahead
+        self.verify = [verify_ms(j) for j in range(max_k + 1)]
+        self.p, self.e, self.j = 1.0, 1.0, 0          # P_j, E(j), j: the draft so far
+
+    def _rate(self, j: int, e: float, p: float, steps: int) -> float:
+        """E / cost of a j-token draft that ran `steps` drafting steps and is all accepted with p."""
+        cost = round_cost(steps * self.t_draft, self.rtt + self.verify[j], p * self.alpha if self.ahead else 0.0)
+        return e / max(cost, 1e-3)
+
+    def __call__(self, conf: float, forced: bool = False) -> tuple[bool, bool]:
+        """forced: the token is taken whatever it is worth (the draft has not reached its min_k yet)."""
+        j = self.j + 1
+        p = self.p * self.q(conf)
+        e = self.e + p
+        if not forced and self._rate(j, e, p, j) < self._rate(j - 1, self.e, self.p, j):
+            return False, False                           # not worth sending: stop before it
+        self.p, self.e, self.j = p, e, j
+        now = self._rate(j, e, p, j)
+        more_e, more_p = e, p
+        for m in range(j + 1, self.max_k + 1):           # the next tokens at the session's alpha each
+            more_p *= self.alpha
+            more_e += more_p
+            if self._rate(m, more_e, more_p, m) > now:
+                return True, True
+        return True, False
 
 
 class VerifyCost:

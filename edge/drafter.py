@@ -17,7 +17,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class _Job:
     context: list[int]
     max_k: int                          # 0: edge-only, one token sampled as the target would (next_token)
     min_k: int                          # the confidence gate may stop the draft once it has this many
+    gate: Optional[Callable[[float, bool], tuple[bool, bool]]]   # adaptive drafts: edge/draft_length.py RateGate
     sampling: SamplingParams
     rng: np.random.Generator
     reuse_kv: bool
@@ -95,20 +96,22 @@ class Drafter:
 
     # --- the asyncio side ------------------------------------------------------------------------
     async def draft(self, seq: int, context: list[int], max_k: int, sampling: SamplingParams,
-                    rng: np.random.Generator, reuse_kv: bool = True, min_k: Optional[int] = None) -> Draft:
-        """Up to max_k draft tokens after `context`, on sequence `seq` (stops early when unsure, but not
-        before min_k tokens: draft.min_k unless given)."""
-        return await self._submit(seq, context, max_k, sampling, rng, reuse_kv, min_k)
+                    rng: np.random.Generator, reuse_kv: bool = True, min_k: Optional[int] = None,
+                    gate: Optional[Callable[[float, bool], tuple[bool, bool]]] = None) -> Draft:
+        """Up to max_k draft tokens after `context`, on sequence `seq`. With the confidence gate on, it stops
+        early (but not before min_k tokens: draft.min_k unless given) where `gate` says (conf, forced) ->
+        (take this token, draft on), else where the confidence falls below the fixed threshold."""
+        return await self._submit(seq, context, max_k, sampling, rng, reuse_kv, min_k, gate)
 
     async def next_token(self, seq: int, context: list[int], sampling: SamplingParams,
                          rng: np.random.Generator, reuse_kv: bool = True) -> int:
         """The draft model's own next token, sampled as the target alone samples (edge-only)."""
         return await self._submit(seq, context, 0, sampling, rng, reuse_kv, 0)
 
-    async def _submit(self, seq, context, max_k, sampling, rng, reuse_kv, min_k):
+    async def _submit(self, seq, context, max_k, sampling, rng, reuse_kv, min_k, gate=None):
         loop = asyncio.get_running_loop()
-        job = _Job(seq, list(context), max_k, self.cfg.min_k if min_k is None else min_k, sampling, rng, reuse_kv,
-                   loop.create_future(), loop)
+        job = _Job(seq, list(context), max_k, self.cfg.min_k if min_k is None else min_k, gate, sampling, rng,
+                   reuse_kv, loop.create_future(), loop)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the drafter is closed")
@@ -186,8 +189,17 @@ class Drafter:
             job.finish(next_token(row, job.sampling, job.rng))
             return True
         conf = self.confidence(row)
-        if self.gated and len(job.tokens) >= job.min_k and conf < self.threshold:
+        forced = len(job.tokens) < job.min_k
+        if not self.gated:
+            more = True
+        elif job.gate is not None:
+            take, more = job.gate(conf, forced)
+            if not take:
+                return self._done(job)
+        elif not forced and conf < self.threshold:
             return self._done(job)
+        else:
+            more = True
         if job.sampling.greedy:
             tok = int(np.argmax(row))
         else:
@@ -196,7 +208,8 @@ class Drafter:
             job.dists.append(dist)
         job.tokens.append(tok)
         job.confs.append(conf)
-        return self._done(job) if len(job.tokens) >= job.max_k else False
+        enough = len(job.tokens) >= job.max_k or not more and len(job.tokens) >= job.min_k
+        return self._done(job) if enough else False
 
     @staticmethod
     def _done(job: _Job) -> bool:

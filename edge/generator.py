@@ -27,7 +27,8 @@ import numpy as np
 from common.config import TandemConfig
 from common.errors import CloudError, CloudUnavailable
 from common.protocol import GenerateRequest, SamplingParams, VerifyRequest
-from edge.draft_length import LOOKUP_ALPHA0, Acceptance, VerifyCost, best_draft_length, round_rate
+from edge.draft_length import (LOOKUP_ALPHA0, Acceptance, Calibration, RateGate, VerifyCost, best_draft_length,
+                               round_rate)
 from edge.drafter import Draft, Drafter
 from edge.ngram import lookup, one_hot
 from edge.sessions import EdgeBusy  # noqa: F401  (re-exported: the HTTP layer answers it with 429)
@@ -165,6 +166,7 @@ class Generator:
         self.ngram = cfg.switches.ngram_draft
         self.parallel_prefill = cfg.switches.parallel_prefill
         self.verify_cost = VerifyCost()                 # the link's verify ms against draft length (all sessions)
+        self.calibration = Calibration()                # P(accepted | the drafter's confidence), all sessions
         self.stop_tokens = stop_tokens
 
     async def stream(self, seq: int, prompt: list[int], max_tokens: int, sampling: SamplingParams,
@@ -310,6 +312,8 @@ class Generator:
                 context += new
                 cloud_len, n = r.committed_len, n + 1
                 (acceptance.lookup if d.source == "lookup" else acceptance.model).observe(len(d.tokens), r.accepted)
+                if d.source == "model":
+                    self.calibration.observe(d.confidences, r.accepted)
                 if not fly.fresh:                  # a round that brought the prompt timed its prefill too
                     self.verify_cost.observe(len(d.tokens), r.timing.compute_ms)
                 stats.rounds += 1
@@ -337,9 +341,11 @@ class Generator:
 
         Fixed (adaptive_draft off; or on, before the drafter has timed a step and for seeded sampling,
         which must reproduce whatever the timing): k = draft.max_k (FIRST_K),
-        prompt-lookup tokens first (switches.ngram_draft), then the model's. Adaptive: the best model
-        draft (edge/draft_length.py) or, when a lookup finds tokens and its expected rate is higher, the
-        best prefix of those. The model's drafts stop early where it is unsure (the confidence gate).
+        prompt-lookup tokens first (switches.ngram_draft), then the model's, stopping early where the
+        model's confidence falls below the threshold (the confidence gate). Adaptive: a model draft of up
+        to max_k whose gate is the rate rule (RateGate: each token weighed by its calibrated chance of
+        acceptance against the link's costs; with the gate off, the best k of the geometric model up
+        front) or, when a lookup finds tokens and its expected rate is higher, the best prefix of those.
         Its randomness comes from the stream of (seed, context, extra) (_draft_rng; see _speculate)."""
         dc = self.cfg.draft
         found = lookup(context, min(dc.max_k, room) + extra, dc.ngram_max_n, dc.ngram_min_n) if self.ngram else []
@@ -356,6 +362,10 @@ class Generator:
                 if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify, ahead)
                         >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify, ahead)):
                     return _lookup_draft(found[:extra + m], sampling)
+            if self.drafter.gated:
+                top = min(dc.max_k, room) + extra
+                gate = RateGate(self.calibration, acc.model.alpha, t_draft, rtt, verify, top, ahead)
+                return await self.drafter.draft(seq, context, top, sampling, rng, self.reuse_kv, extra + dc.min_k, gate)
             return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv, extra + dc.min_k)
         want = extra + min(dc.max_k if not self.adaptive else max(dc.min_k, min(dc.max_k, FIRST_K)), room)
         found = found[:want]

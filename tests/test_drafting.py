@@ -15,7 +15,8 @@ from cloud.verifier import Verifier
 from common.config import load_config
 from common.protocol import DraftDist, SamplingParams
 from conftest import TableBackend
-from edge.draft_length import Acceptance, VerifyCost, best_draft_length, expected_tokens, round_rate
+from edge.draft_length import (Acceptance, Calibration, RateGate, VerifyCost, best_draft_length, expected_tokens,
+                               round_rate)
 from edge.drafter import Draft
 from edge.generator import GenStats, Generator
 from edge.link import CloudLink
@@ -108,17 +109,75 @@ def test_one_hot_proposal_keeps_the_target_law():
         assert chisquare(counts, np.roll(p, 1) * n).pvalue < 1e-4      # power: a wrong law is rejected
 
 
+def _gated_length(confs, alpha, t_draft, rtt, verify, ahead=False, calibration=None):
+    """How many of `confs` (one per drafted token) a RateGate lets into the draft."""
+    gate, n = RateGate(calibration or Calibration(), alpha, t_draft, rtt, verify, len(confs), ahead), 0
+    for c in confs:
+        take, more = gate(c)
+        n += take
+        if not take or not more:
+            break
+    return n
+
+
+def test_the_rate_gate_drafts_longer_on_far_links_and_through_doubt_only_there():
+    sure, doubt = [0.97] * 12, [0.97, 0.97, 0.6] + [0.97] * 9
+    cpu = lambda k: 100.0 + 70.0 * (k + 1)                          # noqa: E731 - a CPU cloud: each token costs
+    for confs, verify in ((sure, flat(10.0)), (doubt, flat(10.0)), (sure, cpu)):
+        n_at = [_gated_length(confs, 0.9, 25.0, rtt, verify) for rtt in (5, 20, 50, 100, 200, 500)]
+        assert n_at == sorted(n_at) and n_at[-1] > n_at[0]
+    assert _gated_length(sure, 0.9, 25.0, 500.0, flat(10.0)) == 12              # far and sure: all of it
+    assert _gated_length(doubt, 0.9, 25.0, 50.0, flat(10.0)) == 3               # nearer: sends the doubtful one
+    # (made already; a flat verify takes it for free) and stops there
+    assert _gated_length(doubt, 0.9, 25.0, 500.0, flat(10.0)) == 12             # far: worth going through it
+    assert _gated_length(sure, 0.9, 40.0, 200.0, cpu) < _gated_length(sure, 0.9, 40.0, 200.0, flat(10.0))
+    assert _gated_length([0.5] * 12, 0.6, 25.0, 200.0, flat(10.0)) < _gated_length(sure, 0.9, 25.0, 200.0, flat(10.0))
+
+
+def test_a_forced_token_counts_and_the_gate_matches_its_formula():
+    gate = RateGate(Calibration(), 0.9, 25.0, 5.0, flat(10.0), 12)
+    assert gate(0.05, forced=True) == (True, False)        # min_k not reached: taken; near, unsure: no more
+    assert gate.j == 1 and gate.e == pytest.approx(1 + Calibration().q(0.05))
+    # stopping at j where one more token at alpha does not pay: E(j)/cost(j) >= E(j+1)/cost(j+1)
+    cal = Calibration()
+    n = _gated_length([0.95] * 12, 0.9, 25.0, 200.0, flat(10.0), calibration=cal)
+    q = cal.q(0.95)
+    e = lambda j: 1 + sum(q ** i for i in range(1, j + 1))             # noqa: E731
+    rate = lambda j: e(j) / (25.0 * j + 200.0 + 10.0)                   # noqa: E731
+    assert n == max(range(1, 13), key=rate)
+
+
+def test_calibration_learns_acceptance_by_confidence():
+    cal = Calibration()
+    assert cal.q(0.95) > cal.q(0.55) > cal.q(0.05)          # prior: the confidence itself
+    for _ in range(200):
+        cal.observe([0.95, 0.55, 0.55], 1)                  # sure tokens accepted, the middling one rejected
+    assert cal.q(0.95) > 0.95 and cal.q(0.55) < 0.1
+    before = cal.q(0.25)
+    cal.observe([0.95, 0.95, 0.25], 0)                       # after the first rejection nothing was tried
+    assert cal.q(0.25) == before
+
+
 # --- the generator against a cloud ------------------------------------------------------------------
 class RuleDrafter:
     """A fake drafter: proposes last + 1 (the table's argmax), except after a multiple of 7 (last + 2);
     sampled: q = 0.6 on last + 1, 0.4 on last + 2. Each step 'takes' step_ms."""
     step_ms = 2.0
+    gated = True            # adaptive drafts come with the rate gate: it is asked about every token (confidence 0.9)
 
     def __init__(self):
         self.calls = 0
 
-    async def draft(self, seq, context, k, sampling, rng, reuse_kv=True, min_k=None):
+    async def draft(self, seq, context, k, sampling, rng, reuse_kv=True, min_k=None, gate=None):
         self.calls += 1
+        if gate is not None:
+            n = 0
+            while n < k:
+                take, more = gate(0.9, n < (min_k or 1))
+                n += take
+                if not take or not more and n >= (min_k or 1):
+                    break
+            k = n
         await asyncio.sleep(self.step_ms * k / 1e3)
         toks, dists, last = [], [], context[-1]
         for _ in range(k):
