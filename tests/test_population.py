@@ -51,7 +51,7 @@ def test_class_table_and_policy_result():
     assert sum(s["timeline"]["client_tokens"]) == sum(s["timeline"]["cloud_tokens"]) == 33
 
 
-@pytest.mark.parametrize("name", ["population", "gpu_population", "gpu_goodput"])
+@pytest.mark.parametrize("name", ["population", "gpu_population", "gpu_goodput", "gpu_goodput_all"])
 def test_experiment_files_load(name):
     exp = population.load(EXPERIMENTS / f"{name}.yaml")
     assert population.kind_of(EXPERIMENTS / f"{name}.yaml") == exp.kind
@@ -63,3 +63,28 @@ def test_bad_population_file_names_the_key(tmp_path):
     (tmp_path / "x.yaml").write_text(bad)
     with pytest.raises(ExperimentError, match="the rows fifo and health"):
         population.load(tmp_path / "x.yaml")
+
+
+def test_rows_features_and_versus():
+    exp = population.load(EXPERIMENTS / "population.yaml", ["rows=[fifo_all,health_all]"])
+    assert exp.labels() == ["fifo_all", "health_all"]
+    off, on = {"parallel_prefill": False, "draft_ahead": False}, {"parallel_prefill": True, "draft_ahead": True}
+    assert exp.features("fifo") == off and exp.features("health_all") == on      # off unless a row or section says
+    assert (exp.versus("fifo"), exp.versus("health"), exp.versus("health_all")) == (None, "fifo", "fifo_all")
+    with pytest.raises(ExperimentError, match="rows: nope not in the matrix"):
+        population.load(EXPERIMENTS / "population.yaml", ["rows=[fifo,nope]"])
+    with pytest.raises(ExperimentError, match="versus"):
+        population.load(EXPERIMENTS / "population.yaml", ["matrix.health.versus=health"])
+    goodput = population.load(EXPERIMENTS / "gpu_goodput_all.yaml")
+    assert goodput.features("qwen14b") == on and goodput.goodput.systems == ["tandem"]
+
+
+def test_each_policy_is_compared_with_its_fifo_row():
+    exp = population.load(EXPERIMENTS / "population.yaml", ["rows=[fifo_all,health_all]"])
+
+    def cell(p99, tok_s):
+        return {"summary": {"per_class": per_class(very_good=p99, good=2 * p99), "effective_tok_s": tok_s}}
+    res = population.population_result(exp, {"fifo_all": cell(100.0, 4.0), "health_all": cell(150.0, 5.0)}, {})
+    d = res["slowdown_vs_fifo"]["health_all"]
+    assert (d["versus"], d["value"], d["effective_tok_s_ratio"]) == ("fifo_all", 1.5, 1.25)
+    assert "worst_class_slowdown" not in res and set(res["slowdown_vs_fifo"]) == {"health_all"}   # no fifo row run
