@@ -13,6 +13,10 @@ goodput      SLO goodput per GPU: one cell (one cloud) per matrix row (a model);
              per drafted token) with Tandem replay clients and for plain streaming (the target alone through
              the same cloud's /v1/generate, as cloud-only does), users at the seed-000 RTT mix.
 
+A row may also set the replayed Tandem users' edge features (parallel_prefill, draft_ahead: ablations/replay.py
+_tandem; default: the users section's, off) and, in a population, the FIFO row it is compared with (versus);
+`rows` (e.g. --set rows=[fifo_all,health_all]) runs a subset of the matrix.
+
 Every user, real or replayed, becomes one bench.RequestOutput, so both land in bench.compute_metrics'
 per-RTT-class tables. Results: <out>/<name>.{json,md,png}.
 """

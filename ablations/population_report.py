@@ -224,13 +224,16 @@ def goodput_md(result: dict) -> str:
                      + " | ".join(str(r.get(f"users_at_slo_tpot{s:g}")) for s in slos[1:])
                      + f" | {_num(r.get('engine_tok_s_64'), '{:.0f}')} | {_num(r.get('engine_tok_s_256'), '{:.0f}')} |")
     lines += ["", f"Per level ({p} and p50 in ms, tok/s over all users):", "",
-              f"| model | dataset | edge | system | users | {p} TTFT | {p} TPOT | TTFT p50 | TPOT p50 | tok/s | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| model | dataset | edge | system | users | {p} TTFT | {p} TPOT | TTFT p50 | TPOT p50 | tok/s | failed | "
+              "τ | ahead kept / dropped |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("rows") or []:
         for f in r["levels"]:
+            rp = f.get("replayed") or {}
             lines.append(f"| {r['model']} | {r['dataset']} | {r['edge'] or '—'} | {r['system']} | {f['users']} | "
                          f"{_num(f.get(f'{p}_ttft_ms'))} | {_num(f.get(f'{p}_tpot_ms'))} | {_num(f.get('ttft_ms_p50'))} | "
-                         f"{_num(f.get('tpot_ms_p50'))} | {_num(f.get('tok_s'), '{:.1f}')} | {f.get('failed')} |")
+                         f"{_num(f.get('tpot_ms_p50'))} | {_num(f.get('tok_s'), '{:.1f}')} | {f.get('failed')} | "
+                         f"{_num(rp.get('tau'), '{:.2f}')} | {rp.get('ahead_kept', '—')} / {rp.get('ahead_dropped', '—')} |")
     for label, cell in (result.get("cells") or {}).items():
         if cell.get("error"):
             lines += ["", f"Cell {label} failed: `{cell['error'][:1500]}`"]

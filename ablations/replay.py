@@ -328,7 +328,8 @@ async def replay_user(user: dict, epoch_perf: float) -> dict:
     """One user: its request arrives at epoch_perf + user["arrival_s"] (perf_counter time) and is answered
     by the cloud at user["url"] (its own link) either as Tandem rounds (system 'tandem': the drafts of
     draft_plan, each after the edge timing's draft time, over user["transport"] ws|http, with the RTT the
-    client measured as the edge reports it) or as the target's own stream (system 'plain': POST
+    client measured as the edge reports it; user["parallel_prefill"] / user["draft_ahead"]: the edge's
+    features of those names, see _tandem) or as the target's own stream (system 'plain': POST
     /v1/generate, NDJSON). user["deadline_s"] (optional): the request is cut this long after it was sent,
     its tokens so far counting (finish_reason "deadline"). Returns {"output": bench.RequestOutput as a dict, "tokens": output ids,
     "uid", "rtt_ms", "cloud_times" (each chunk's time at the cloud, s since sent: arrival minus RTT/2)}."""
