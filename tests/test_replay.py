@@ -193,10 +193,11 @@ def test_parallel_prefill_and_draft_ahead_replay_as_the_edge_makes_them():
     assert o.chunk_tokens == [1, 2, 5, 2]
 
 
-def test_pattern_drafts_with_draft_ahead_keep_the_round_after_a_fully_accepted_one():
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_pattern_drafts_with_draft_ahead_keep_the_round_after_a_fully_accepted_one(transport):
     async def body(url, verifier):
         log = logged(verifier)
-        u = user(url, "tandem", drafts="pattern", draft_ahead=True)
+        u = user(url, "tandem", drafts="pattern", draft_ahead=True, transport=transport)
         return (await replay.run_users_here([u], time.perf_counter()))[0], log
     r, log = with_cloud(SlowTable(), body)
     assert r["tokens"] == TRACE["fallback"] and r["output"]["success"]
