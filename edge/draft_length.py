@@ -12,9 +12,8 @@ model, as Leviathan et al. 2023), the round commits the accepted prefix plus the
     E[tau(k)] = sum_{i=0..k} alpha^i = (1 - alpha^(k+1)) / (1 - alpha)
 
 A far link (RTT large beside k * t_draft) pays for a round mostly in RTT, so the best k grows; a low
-alpha makes the extra tokens worth little, so it shrinks. With draft-ahead a round's drafting hides
-behind the flight of the one before whenever that one holds (round_rate). The confidence gate may still stop a draft
-before k.
+alpha makes the extra tokens worth little, so it shrinks. With draft-ahead a round's drafting overlaps
+the flight of the one before whenever the round drafted ahead holds (round_cost).
 
 The inputs are estimated online:
   alpha     per session: a Beta posterior over the per-token acceptance with forgetting. A round that
@@ -30,6 +29,9 @@ The inputs are estimated online:
             CPU cloud. Until k has spread (standard deviation >= 1) the line is flat at the mean: a
             slope from k in {1, 2} alone was noise that kept k at 1.
   RTT       the link's RFC 6298 SRTT (edge/link.py).
+  p_ahead   per session (switches.draft_ahead): the share of its rounds whose round drafted ahead was
+            kept (the same Beta estimate as alpha, one trial per round). Not alpha^(k+1): the guess a
+            round ahead starts with is the token the gate stopped before, the one the drafter doubted.
 
 Where the draft stops (the confidence gate of an adaptive draft, RateGate). The up-front k of a
 geometric alpha is the best length *on average*; but the drafter knows, token by token, how sure it
@@ -72,32 +74,30 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 def round_cost(draft_ms: float, flight_ms: float, p_ahead: float) -> float:
     """A round's ms (D = draft_ms, F = flight_ms = RTT + t_verify). p_ahead = P(the round drafted ahead of
-    it holds). The edge keeps one round ahead: round r+1 is drafted from r's send, and r+2 from when r+1
-    takes r's place in flight (r's answer, at F, or r+1's draft done, at D, whichever is later). While
-    rounds hold, answers come at F, D+F, 2F+D, 2F+2D, ... when D < F (two rounds per D + F) and every D when
-    D >= F: a cycle of max(D, (D + F) / 2). A round that does not hold is followed by one drafted after
-    its answer: D + F.
+    it holds): the session's measured share (switches.draft_ahead; 0 without it). The edge keeps one round
+    ahead: round r+1 is drafted from r's send, and r+2 from when r+1 takes r's place in flight (at r's
+    answer, or when r+1's draft is done, whichever is later). While rounds hold, answers come at F, D+F,
+    2F+D, 2F+2D, ... when D < F (two rounds per D + F), and every D when D >= F: a cycle of
+    max(D, (D + F) / 2). A round whose ahead round does not hold is followed by one drafted after its
+    answer: D + F.
         cost = p * max(D, (D + F) / 2) + (1 - p) * (D + F)"""
-    return p_ahead * max(draft_ms, flight_ms) + (1 - p_ahead) * (draft_ms + flight_ms)
+    return p_ahead * max(draft_ms, (draft_ms + flight_ms) / 2) + (1 - p_ahead) * (draft_ms + flight_ms)
 
 
-def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, ahead: bool = False) -> float:
-    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms: E[tau(k)] / round_cost,
-    where (ahead: switches.draft_ahead) the round after holds when this one accepts all k and then the
-    guess, p = alpha^(k+1)."""
+def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, p_ahead: float = 0.0) -> float:
+    """Expected committed tokens per ms of a round that drafts k tokens in draft_ms: E[tau(k)] / round_cost."""
     alpha = min(max(alpha, 0.0), ALPHA_MAX)
-    cost = round_cost(draft_ms, rtt_ms + verify_ms(k), alpha ** (k + 1) if ahead else 0.0)
-    return expected_tokens(alpha, k) / max(cost, 1e-3)
+    return expected_tokens(alpha, k) / max(round_cost(draft_ms, rtt_ms + verify_ms(k), p_ahead), 1e-3)
 
 
 def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms, min_k: int, max_k: int,
-                      free: int = 0, ahead: bool = False) -> int:
+                      free: int = 0, p_ahead: float = 0.0) -> int:
     """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k))
     (with draft-ahead, the cost of round_rate). verify_ms: k -> the cloud's compute ms for a k-token
     draft. `free`: draft tokens that cost no drafting (a prompt lookup's). Ties go to the shorter draft."""
     best_k, best_rate = min_k, -1.0
     for k in range(min_k, max_k + 1):
-        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms, ahead)
+        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms, p_ahead)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -159,16 +159,16 @@ class RateGate:
     drafter's thread: it holds its own copies of the inputs (verify ms per length precomputed)."""
 
     def __init__(self, calibration: Calibration, alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms,
-                 max_k: int, ahead: bool = False) -> None:
+                 max_k: int, p_ahead: float = 0.0) -> None:
         self.q = calibration.q
         self.alpha = min(max(alpha, 0.0), ALPHA_MAX)
-        self.t_draft, self.rtt, self.max_k, self.ahead = t_draft_ms, rtt_ms, max_k, ahead
+        self.t_draft, self.rtt, self.max_k, self.p_ahead = t_draft_ms, rtt_ms, max_k, p_ahead
         self.verify = [verify_ms(j) for j in range(max_k + 1)]
         self.p, self.e, self.j = 1.0, 1.0, 0          # P_j, E(j), j: the draft so far
 
     def _rate(self, j: int, e: float, p: float, steps: int) -> float:
-        """E / cost of a j-token draft that ran `steps` drafting steps and is all accepted with p."""
-        cost = round_cost(steps * self.t_draft, self.rtt + self.verify[j], p * self.alpha if self.ahead else 0.0)
+        """E / cost of a j-token draft (all accepted with p) that ran `steps` drafting steps."""
+        cost = round_cost(steps * self.t_draft, self.rtt + self.verify[j], self.p_ahead)
         return e / max(cost, 1e-3)
 
     def __call__(self, conf: float, forced: bool = False) -> tuple[bool, bool]:

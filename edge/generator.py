@@ -35,6 +35,7 @@ from edge.sessions import EdgeBusy  # noqa: F401  (re-exported: the HTTP layer a
 
 DRAFT, TARGET, EDGE = "draft", "target", "edge"
 FIRST_K = 4        # switches.adaptive_draft: the draft length until the drafter has timed a step
+AHEAD_HOLD0 = 0.5  # switches.draft_ahead: a session's share of rounds drafted ahead that hold, before it has any
 
 
 class _Flight(NamedTuple):
@@ -60,9 +61,11 @@ def _lookup_draft(tokens: list[int], sampling: SamplingParams) -> Draft:
 
 
 class _Acceptances(NamedTuple):
-    """A session's acceptance estimates, one per draft source (edge/draft_length.py)."""
+    """A session's acceptance estimates, one per draft source, and the share of its rounds drafted ahead
+    that held (edge/draft_length.py)."""
     model: Acceptance
     lookup: Acceptance
+    ahead: Acceptance
 
 
 def _sent(coro) -> asyncio.Task:
@@ -215,7 +218,7 @@ class Generator:
         Prompt-lookup tokens are one-hot proposals (edge/ngram.py), exact the same way."""
         sid, seeds = uuid.uuid4().hex, np.random.SeedSequence(sampling.seed)
         rng = np.random.default_rng(seeds.spawn(1)[0])          # edge-only tokens while the cloud is away
-        acceptance = _Acceptances(Acceptance(), Acceptance(LOOKUP_ALPHA0))
+        acceptance = _Acceptances(Acceptance(), Acceptance(LOOKUP_ALPHA0), Acceptance(AHEAD_HOLD0))
         cloud_len, n, n_prompt = 0, 0, len(context)             # tokens the cloud holds; next round's seq
         fly: Optional[_Flight] = None                            # the round in flight
         ahead: Optional[_Flight] = None                          # the round after it: sent ahead, or held
@@ -247,6 +250,8 @@ class Generator:
                         ahead, ahead_job = await ahead_job, None
                     if ahead is not None and ahead.base != context:
                         await drop_ahead()
+                    if self.draft_ahead and n > 0:           # did the round drafted ahead of the last one hold?
+                        acceptance.ahead.observe(1, int(ahead is not None))
                     room = max_tokens - (len(context) - n_prompt) - 1
                     if ahead is not None and ahead.task is not None:
                         fly, ahead = ahead, None
@@ -355,16 +360,16 @@ class Generator:
         reproducible = sampling.seed is not None and not sampling.greedy
         if self.adaptive and self.drafter.step_ms is not None and not reproducible:
             t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
-            ahead = self.draft_ahead
-            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k, 0, ahead), room)
+            hold = acc.ahead.alpha if self.draft_ahead else 0.0
+            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k, 0, hold), room)
             if len(found) > extra:
-                m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra, 0, ahead)
-                if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify, ahead)
-                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify, ahead)):
+                m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra, 0, hold)
+                if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify, hold)
+                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify, hold)):
                     return _lookup_draft(found[:extra + m], sampling)
             if self.drafter.gated:
                 top = min(dc.max_k, room) + extra
-                gate = RateGate(self.calibration, acc.model.alpha, t_draft, rtt, verify, top, ahead)
+                gate = RateGate(self.calibration, acc.model.alpha, t_draft, rtt, verify, top, hold)
                 return await self.drafter.draft(seq, context, top, sampling, rng, self.reuse_kv, extra + dc.min_k, gate)
             return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv, extra + dc.min_k)
         want = extra + min(dc.max_k if not self.adaptive else max(dc.min_k, min(dc.max_k, FIRST_K)), room)

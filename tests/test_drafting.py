@@ -109,9 +109,9 @@ def test_one_hot_proposal_keeps_the_target_law():
         assert chisquare(counts, np.roll(p, 1) * n).pvalue < 1e-4      # power: a wrong law is rejected
 
 
-def _gated_length(confs, alpha, t_draft, rtt, verify, ahead=False, calibration=None):
+def _gated_length(confs, alpha, t_draft, rtt, verify, p_ahead=0.0, calibration=None):
     """How many of `confs` (one per drafted token) a RateGate lets into the draft."""
-    gate, n = RateGate(calibration or Calibration(), alpha, t_draft, rtt, verify, len(confs), ahead), 0
+    gate, n = RateGate(calibration or Calibration(), alpha, t_draft, rtt, verify, len(confs), p_ahead), 0
     for c in confs:
         take, more = gate(c)
         n += take
