@@ -200,16 +200,18 @@ def test_edge_link_sends_rounds_ready_together_in_one_frame(batching):
 
     async def body(http, url, v):
         async with CloudLink(url, cfg.edge, from_config(cfg)) as link:
-            reqs = [VerifyRequest.model_validate_json(rnd(i, 1.0)) for i in range(4)]
+            # as reported by a far edge: the cloud holds the answers until all four are in (if the edge asked)
+            reqs = [VerifyRequest.model_validate_json(rnd(i, 500.0)) for i in range(4)]
             out = await asyncio.gather(*(link.verify(r) for r in reqs))
             assert [r.accepted for r, _ in out] == [2] * 4
             f = link.snapshot()
             assert f["rounds_out"] == 4 and f["answers_in"] == 4
             assert v.stats.links and all(x.rttvar_ms is not None for x in v.stats.links.values())
-            return f["frames_out"]
+            return f["frames_out"], f["frames_in"]
 
-    frames = with_cloud(body)
-    assert frames == (1 if batching else 4)
+    frames_out, frames_in = with_cloud(body)
+    assert frames_out == (1 if batching else 4)
+    assert frames_in == (1 if batching else 4)       # the edge asked for coalesced answers (?coalesce=1), or not
 
 
 def test_edge_link_measures_rtt_by_websocket_ping_when_idle():
