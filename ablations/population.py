@@ -249,7 +249,8 @@ def make_users(traces: dict[str, list[dict]], n: int, w: Users, rtts: list[float
         ds = names[i % len(names)]
         t = traces[ds][counters[ds] % len(traces[ds])]
         counters[ds] += 1
-        users.append({**{k: t[k] for k in ("id", "set", "prompt", "trace", "accepted", "fallback", "guess") if k in t},
+        users.append({**{k: t[k] for k in ("id", "set", "prompt", "trace", "accepted", "fallback", "guess", "guess_hit")
+                         if k in t},
                       "text": t.get("text"), "uid": f"{tag}-u{i:04d}", "sid": f"{tag}-u{i:04d}", "url": urls[i],
                       "system": system, "timing": timing, "drafts": w.drafts, "transport": w.transport,
                       "arrival_s": arrivals[i], "rtt_ms": rtts[i], "rtt_class": rtt_class_of(rtts[i]),

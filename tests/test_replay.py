@@ -129,6 +129,11 @@ def test_draft_plan_guess_is_the_recorded_one_else_the_reference_token_after_the
     assert rec.guess(4, [8, 9], [4, 5, 6, 7]) is None          # the answer ends within the draft
     pat = replay.draft_plan(s, "pattern")                      # right exactly when the round accepts all (a == L)
     assert pat.guess(3, pat(3, [])[0], []) == 9 and pat.guess(0, pat(0, [])[0], []) == 7
+    # ... and, where the trace has guesses, the recorded guess after that round held (at 3 it was 30, not 9)
+    assert replay.guess_hits(s) == {"0": False, "3": False}
+    assert replay.guess_hits({**s, "guess": {"3": 9}}) == {"0": False, "3": True}
+    pat = replay.draft_plan({**s, "guess_hit": replay.guess_hits(s)}, "pattern")
+    assert pat.guess(3, pat(3, [])[0], []) == 9 ^ 1 and pat.guess(0, pat(0, [])[0], []) == 7 ^ 1
 
 
 class SlowTable(TableBackend):
