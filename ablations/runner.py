@@ -364,11 +364,12 @@ def _start(stack: Stack, cell: Cell, seed: int, pool: CloudPool, place: Placemen
     return edge, cloud, link, cloud_record
 
 
-def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) -> dict:
+def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True, shared: bool = False) -> dict:
     """One benchmark against the edge, the nodes' /stats scraped before and after. own_window: the
     cloud's latency window (its last 4096 rounds) holds this cell's rounds alone; else (a cloud kept
     from an earlier cell, or shared with cells running at once) its percentiles are not this cell's
-    and are left out."""
+    and are left out. shared (cells running at once against one cloud): the cloud's counters moved for
+    all of them, so none of its figures is this cell's (frames, bytes, CPU per round are left out)."""
     from ablations.bench import parse_goodput, run_benchmark
     e0, c0 = edge.get_json("/stats"), cloud.get_json("/stats") if cloud else None
     t = time.perf_counter()
@@ -386,6 +387,8 @@ def _measure(w, cell: Cell, edge, cloud, reqs: list, own_window: bool = True) ->
                   "drafting": (e1 or {}).get("drafting")}
     cloud_stats = {**_diff(c1, c0, CLOUD_COUNTERS), "latency_ms": c1.get("latency_ms"), "queue_ms": c1.get("queue_ms"),
                    "ws_hold_counts": _diff_list(c1.get("ws_hold_counts"), c0.get("ws_hold_counts"))} if c1 else None
+    if cloud_stats and shared:
+        cloud_stats = {"shared": "with cells running at once: the cloud's counters are not this cell's"}
     return {**summarise(cell.mode, cell.rtt_ms, bench, c1), **link_figures(cloud_stats, edge_stats),
             "wall_s": round(wall, 1), "bench": bench, "edge_stats": edge_stats, "cloud_stats": cloud_stats}
 
@@ -431,7 +434,7 @@ def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Pa
             if w.warmup:
                 asyncio.run(_warmup(edge.url))
             for ds, reqs in requests.items():
-                data = _measure(w, cell, edge, cloud, reqs, own)
+                data = _measure(w, cell, edge, cloud, reqs, own, shared)
                 (log_dir / f"bench_{ds}.json").write_text(json.dumps(data["bench"]))   # whole, in the logs archive
                 data["bench"] = slim_bench(data["bench"])
                 record["datasets"][ds] = data
