@@ -10,7 +10,7 @@ import numpy as np
 from ablations.bench import RTT_CLASS_BOUNDS_MS, RTT_CLASSES
 
 POLICY_COLORS = {"fifo": "#1f77b4", "health": "#d62728"}
-MORE_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e"]
+MORE_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 
 
 def _color(policy: str, order: list[str]):
@@ -145,16 +145,19 @@ def population_png(result: dict, path: Path) -> None:
                 ylabel="tokens/s")
     a_client.set(title="Tokens delivered at the clients (the users' view)", xlabel="time (s)", ylabel="tokens, cumulative")
     a_eff.set(title="Effective throughput (delivered at the clients)", xlabel="time (s)", ylabel="tokens/s")
-    if "fifo" in cum:
-        tf, cf, gf = cum["fifo"]
-        for p, (th, ch, gh) in cum.items():
-            if p == "fifo":
-                continue
-            grid = np.union1d(tf, th)
-            a_gap.plot(grid, np.interp(grid, th, ch) - np.interp(grid, tf, cf), color=_color(p, order),
-                       label=f"{p} − fifo, delivered at the clients")
-            a_gap.plot(grid, np.interp(grid, th, gh) - np.interp(grid, tf, gf), color=_color(p, order), ls=":",
-                       label=f"{p} − fifo, generated at the cloud")
+    sl = result.get("slowdown_vs_fifo") or {}
+    if not sl and result.get("worst_class_slowdown_detail"):
+        sl = {"health": result["worst_class_slowdown_detail"]}
+    pairs = [(p, d.get("versus", "fifo")) for p, d in sl.items()] or [(p, "fifo") for p in cum if p != "fifo"]
+    for p, base in pairs:                        # each policy against the FIFO row it is compared with
+        if p not in cum or base not in cum:
+            continue
+        (tf, cf, gf), (th, ch, gh) = cum[base], cum[p]
+        grid = np.union1d(tf, th)
+        a_gap.plot(grid, np.interp(grid, th, ch) - np.interp(grid, tf, cf), color=_color(p, order),
+                   label=f"{p} − {base}, delivered at the clients")
+        a_gap.plot(grid, np.interp(grid, th, gh) - np.interp(grid, tf, gf), color=_color(p, order), ls=":",
+                   label=f"{p} − {base}, generated at the cloud")
         a_gap.axhline(0, color="gray", lw=0.5)
     a_gap.set(title="Gap between the policies (− FIFO)", xlabel="time (s)", ylabel="tokens, cumulative")
     for ax in (a_cloud, a_client, a_eff, a_gap):
@@ -175,9 +178,6 @@ def population_png(result: dict, path: Path) -> None:
         ax.set(title=title, ylabel="ms")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    sl = result.get("slowdown_vs_fifo") or {}
-    if not sl and result.get("worst_class_slowdown_detail"):
-        sl = {"health": result["worst_class_slowdown_detail"]}
     n = max(len(sl), 1)
     for i, (p, d) in enumerate(sl.items()):
         per = d.get("per_class") or {}
@@ -193,7 +193,9 @@ def population_png(result: dict, path: Path) -> None:
     a_text.axis("off")
     m = result["meta"]
     a_text.text(0, 1, "\n".join([
-        f"{result['experiment']['name']}: worst class slowdown {_num(result.get('worst_class_slowdown'), '{:.2f}')}",
+        f"{result['experiment']['name']}: worst class slowdown"
+        + (f" {_num(result.get('worst_class_slowdown'), '{:.2f}')}" if result.get("worst_class_slowdown") is not None
+           else "".join(f"\n  {p} vs {d.get('versus', 'fifo')}: {_num(d.get('value'), '{:.2f}')} ({d.get('class')})" for p, d in sl.items())),
         *[f"{p}: {_num(s.get('effective_tok_s'), '{:.2f}')} tok/s effective, {s.get('completed')} done" for p, s in pol.items()],
         f"load at start {m.get('load_start')}", f"commit {m.get('commit')}", f"{m.get('date')}"]),
         va="top", fontsize=10, family="monospace", wrap=True)
