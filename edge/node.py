@@ -69,6 +69,13 @@ class EdgeNode:
     def queue_depth(self) -> int:
         return self.slots.waiting
 
+    def drafting_stats(self) -> dict:
+        """What the adaptive draft length is working from (edge/draft_length.py): the drafter's ms per step,
+        the cloud's verify ms fitted at a few draft lengths, and acceptance by the drafter's confidence."""
+        return {"step_ms": self.drafter.step_ms,
+                "verify_ms_at_k": {k: round(self.generator.verify_cost(k), 2) for k in (1, 4, 8, 12)},
+                "acceptance_by_confidence": self.generator.calibration.table()}
+
     def encode(self, text: str, raw: bool = False) -> list[int]:
         """Token ids of a user message wrapped in the chat template (raw: the text as is)."""
         return self.runner.tokenize(text if raw else self.template.render([{"role": "user", "content": text}]))

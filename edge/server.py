@@ -181,9 +181,7 @@ async def stats(request: web.Request) -> web.Response:
         "mean_accepted_length": round((t["accepted"] + t["rounds"]) / t["rounds"], 3) if t["rounds"] else None,
         "model": node.model_name, "active_sessions": node.active_sessions, "queue_depth": node.queue_depth,
         "link": cloud, "rtt_ms": cloud["rtt_ms"] if cloud else None,
-        "drafting": {"step_ms": node.drafter.step_ms, "verify_ms_at_k": [round(node.generator.verify_cost(k), 2)
-                                                                         for k in (1, 4, 8, 12)],
-                     "acceptance_by_confidence": node.generator.calibration.table()},
+        "drafting": node.drafting_stats(),
         "link_frames": {**getattr(node.link, "frames", {}), "hold_counts": list(getattr(node.link, "hold_counts", []))}
         if cloud else None})
 

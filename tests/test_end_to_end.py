@@ -76,7 +76,12 @@ def test_edge_api_streams_and_rejects_bad_input():
                     async with http.get(url + "/health") as r:
                         assert (await r.json())["cloud"]["status"] == "ok"
                     async with http.get(url + "/stats") as r:
-                        assert (await r.json())["generations"] == 1
+                        st = await r.json()
+                    assert st["generations"] == 1
+                    drafting = st["drafting"]               # what the adaptive draft length works from
+                    assert drafting["step_ms"] > 0 and len(drafting["acceptance_by_confidence"]) == 10
+                    # the prior is 3 tokens a bin; the answer's verified drafts added to it
+                    assert sum(b["weight"] for b in drafting["acceptance_by_confidence"]) > 10 * 3.0 + 0.5
             finally:
                 await runner.cleanup()
     run(body())

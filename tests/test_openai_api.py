@@ -43,6 +43,9 @@ class FakeNode:
         self.busy = None              # EdgeBusy retry_after_s: raise it before the first piece
         self.calls, self.produced, self.closed = [], 0, asyncio.Event()
 
+    def drafting_stats(self):
+        return {"step_ms": None, "verify_ms_at_k": {}, "acceptance_by_confidence": []}
+
     def encode(self, text, raw=False):
         return list((text if raw else f"<user>{text}<assistant>").encode())
 
