@@ -70,6 +70,9 @@ class Terminal:
         master, slave = os.openpty()
 
         def become_session_leader():
+            # Ctrl-C's default action, as at a terminal: a test run started in the background of a
+            # non-interactive shell (nohup, &) has SIGINT ignored, and Python would not raise on it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.setsid()
             import fcntl
             import termios
