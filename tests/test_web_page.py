@@ -5,8 +5,10 @@ RTT shows. Not skipped when Chromium is missing: it fails, so CI cannot pass wit
 import asyncio
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -115,20 +117,38 @@ async def ask(page: Browser, question: str, max_tokens: int) -> tuple[dict, list
         await asyncio.sleep(0.03)
 
 
+def end_process_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM to the browser's whole process group, SIGKILL to what is left after `grace` s, and wait
+    until no process of the group remains."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        t = time.perf_counter()
+        while time.perf_counter() - t < grace:
+            proc.poll()                               # reap the leader, so that it stops counting
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    proc.wait(10)
+
+
 def test_chat_page_streams_an_answer_with_provenance_colours():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is missing: install.sh installs it (apt-get install -y chromium)"
-    with edge_server(config()) as server, tempfile.TemporaryDirectory() as profile:
+    with edge_server(config()) as server, tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        # its own session, so that ending it ends its helpers too (zygote, GPU and crash handlers), which
+        # otherwise go on writing into the profile while it is being removed
         proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
         try:
             first, seen_first, second = asyncio.run(drive(proc, server.url))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            end_process_group(proc)
     # streamed: several SSE events, and text on screen before the answer was complete
     assert first["chunks"] >= 3, first
     assert any(s["text"] and not s["done"] and s["state"] == "streaming" for s in seen_first), seen_first[-3:]
