@@ -86,7 +86,7 @@ def _report(args, argv) -> int:
         for f in population_report.write(raw, Path(args.out) if args.out else path.parent):
             print(f"wrote {f}", file=sys.stderr)
         return 0
-    result = derive_rows(report.load(path))
+    result = derive_rows(report.load(path), path.parent)      # the benchmark outputs: from the logs beside it
     if result.get("cells"):
         result["meta"]["rows_derived_by"] = {"command": _command(["report", *argv]),
                                              "commit": _git("rev-parse", "--short=12", "HEAD")}

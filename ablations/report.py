@@ -133,7 +133,8 @@ def markdown(result: dict) -> str:
               f"{meta.get('load_end')} at the end (other work shares this machine).",
               f"- Commit {meta['commit']}, {meta['date']}, {fmt(meta.get('duration_s'))} s in all; "
               + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) + ".",
-              "- Per-cell figures, bench output and the servers' /stats are in the JSON beside this file"
+              f"- Per-cell figures and the servers' /stats are in the JSON beside this file, each benchmark's "
+              f"output in {result['experiment']['name']}-logs.tar.gz (<cell>/bench_<dataset>.json)"
               + (f"; the rows were derived again from them by `{meta['rows_derived_by']['command']}` (commit "
                  f"{meta['rows_derived_by']['commit']})" if meta.get("rows_derived_by") else "") + ".", ""]
     return "\n".join(lines)
@@ -269,11 +270,21 @@ def dumps(result: dict) -> str:
     parts = []
     for key, value in result.items():
         if key == "cells":
+            value = [_without_bench(c) for c in value]
             body = "[\n" + ",\n".join("  " + enc(c) for c in value) + "\n ]" if value else "[]"
         else:
             body = enc(value, 1).replace("\n", "\n ")
         parts.append(f" {enc(key)}: {body}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _without_bench(cell: dict) -> dict:
+    """A cell as the JSON keeps it: its figures and /stats, not the benchmark's output (the logs archive
+    beside the JSON keeps that whole: <cell>/bench_<dataset>.json; runner.attach_bench reads it back)."""
+    if not isinstance(cell, dict) or not isinstance(cell.get("datasets"), dict):
+        return cell
+    return {**cell, "datasets": {ds: {k: v for k, v in d.items() if k != "bench"} if isinstance(d, dict) else d
+                                 for ds, d in cell["datasets"].items()}}
 
 
 def _finite(obj):

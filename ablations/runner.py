@@ -436,7 +436,7 @@ def run_cell(exp: Experiment, cell: Cell, requests: dict[str, list], log_dir: Pa
             for ds, reqs in requests.items():
                 data = _measure(w, cell, edge, cloud, reqs, own, shared)
                 (log_dir / f"bench_{ds}.json").write_text(json.dumps(data["bench"]))   # whole, in the logs archive
-                data["bench"] = slim_bench(data["bench"])
+                data["bench"] = slim_bench(data["bench"])     # for this run's rows; the JSON leaves it out
                 record["datasets"][ds] = data
         except ProcessFailed:
             raise
@@ -650,10 +650,36 @@ def run_experiment(exp: Experiment, out: Path, argv: Optional[list[str]] = None)
     return result, state["ok"]
 
 
-def derive_rows(result: dict) -> dict:
+def attach_bench(result: dict, folder: Path) -> None:
+    """Each cell's benchmark output where the JSON does not carry it (report.dumps leaves it out): from the
+    run's logs beside the JSON (<name>-logs.tar.gz, or the folder of a run that failed), each cell's
+    <cell>/bench_<dataset>.json, as slim_bench keeps it. A cell whose file is not there stays without."""
+    name = result["experiment"]["name"]
+    archive, tree = folder / f"{name}-logs.tar.gz", folder / f"{name}-logs"
+    tar = tarfile.open(archive) if archive.exists() else None
+    try:
+        for cell in result.get("cells") or []:
+            for ds, data in (cell.get("datasets") or {}).items():
+                if data.get("bench") is not None or not cell.get("logs"):
+                    continue
+                member = f"{name}-logs/{Path(cell['logs']).name}/bench_{ds}.json"
+                if tar is not None:
+                    with contextlib.suppress(KeyError):
+                        data["bench"] = slim_bench(json.load(tar.extractfile(member)))
+                elif (tree.parent / member).exists():
+                    data["bench"] = slim_bench(json.loads((tree.parent / member).read_text()))
+    finally:
+        if tar is not None:
+            tar.close()
+
+
+def derive_rows(result: dict, folder: Optional[Path] = None) -> dict:
     """The rows (the figures a report shows) from the result's raw cells, by today's definitions:
-    each cell's stored benchmark output and /stats are summarised again. Used after every cell and by
-    `python -m ablations report`, so a report re-drawn from an old JSON uses the same figures as a run."""
+    each cell's benchmark output (from the logs in `folder`, attach_bench) and /stats are summarised
+    again. Used after every cell and by `python -m ablations report`, so a report re-drawn from an old
+    JSON uses the same figures as a run."""
+    if folder is not None:
+        attach_bench(result, folder)
     raw = [c for c in result.get("cells") or [] if any(d.get("bench") for d in (c.get("datasets") or {}).values())]
     if not raw:
         return result                  # nothing raw to derive from: the rows stand as written

@@ -2,9 +2,11 @@
 cell, the report; and (slow) one cell end to end with the real models as processes."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -318,9 +320,20 @@ def test_report_derives_rows_again_from_the_raw_cells(tmp_path):
     result["experiment"]["workload"]["datasets"] = ["humaneval"]
     result["experiment"]["workload"]["request_rate"] = float("inf")
     result["cells"] = [{"row": "edge_cloud", "mode": "edge_cloud", "link": "rtt=5", "rtt_ms": 5.0, "repeat": 0,
+                        "logs": "tiny-logs/edge_cloud__rtt5__r0",
                         "datasets": {"humaneval": {"bench": canned_bench([1.0], [8], figures, [0.4]),
                                                    "cloud_stats": {"latency_ms": {"p50": 60.0}}}}}]
     report.write(result, tmp_path)
+    kept = json.loads((tmp_path / "tiny.json").read_text())["cells"][0]["datasets"]["humaneval"]
+    assert "bench" not in kept and kept["cloud_stats"]       # the benchmark's output lives in the logs archive
+    assert main(["report", "tiny", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["rows"] == result["rows"]   # no archive: rows stand
+    bench = tmp_path / "tiny-logs" / "edge_cloud__rtt5__r0" / "bench_humaneval.json"
+    bench.parent.mkdir(parents=True)
+    bench.write_text(json.dumps(result["cells"][0]["datasets"]["humaneval"]["bench"]))
+    with tarfile.open(tmp_path / "tiny-logs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tiny-logs", arcname="tiny-logs")
+    shutil.rmtree(tmp_path / "tiny-logs")
     assert main(["report", "tiny", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "tiny.json").read_text()
     assert "Infinity" not in text and '"request_rate": "inf"' in text       # strict JSON
@@ -408,7 +421,10 @@ def test_one_cell_end_to_end(tmp_path):
     assert row["per_user_tok_s"] > 0 and row["tau"] >= 1 and row["bound_round_ms"] > 10.0
     [cell] = result["cells"]
     ds = cell["datasets"]["humaneval"]
-    assert ds["bench"]["output_lens"] == [8]
+    assert "bench" not in ds and ds["completed"] == 1
+    with tarfile.open(out / "one_cell-logs.tar.gz") as tar:          # the benchmark's output, whole
+        bench = json.load(tar.extractfile(f"one_cell-logs/{Path(cell['logs']).name}/bench_humaneval.json"))
+    assert bench["output_lens"] == [8]
     assert ds["cloud_stats"]["rounds"] == ds["edge_stats"]["rounds"] > 0       # every round crossed the link
     assert cell["link_stats"]["profile"] == "rtt=10" and cell["link_stats"]["bytes_up"] > 0
     assert set(cell["processes"]) == {"linkemu", "edge"} and cell["cloud"]["reused"] is False
