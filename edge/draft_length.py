@@ -1,10 +1,11 @@
 """How many tokens to draft this round (switches.adaptive_draft): the k that maximises the expected
 committed tokens per second of one round.
 
-One round drafts k tokens (k steps of the shared drafter, t_draft each; the tokens a prompt lookup
-supplies cost nothing), crosses the link (RTT) and is verified (t_verify(k), the cloud's compute):
+One round drafts k tokens (k steps of the shared drafter: the first, t_first, also feeds the tokens
+committed since the session's last draft; each next one, t_draft, the token before; the tokens a prompt
+lookup supplies cost nothing), crosses the link (RTT) and is verified (t_verify(k), the cloud's compute):
 
-    rate(k) = E[tau(k)] / (max(0, k - free) * t_draft + RTT + t_verify(k))
+    rate(k) = E[tau(k)] / (D(max(0, k - free)) + RTT + t_verify(k)),   D(n) = t_first + (n - 1) t_draft (D(0) = 0)
 
 With each draft token accepted with probability alpha given the ones before it were (a geometric
 model, as Leviathan et al. 2023), the round commits the accepted prefix plus the target's own token:
@@ -21,13 +22,15 @@ The inputs are estimated online:
             tokens after the first rejection were never tried). Prior: ALPHA0 worth PRIOR_TRIALS trials.
             Evidence fades per trial (FORGET_TRIAL), so a round of many tokens does not outweigh the
             later rounds that ended at their first token.
-  t_draft   per edge (edge/drafter.py Drafter.step_ms): one llama_decode step of the shared drafter. A
-            step advances every drafting session at once, so a session's draft of k tokens waits about
-            k steps whatever the others do: the step, not the step / sessions, is its cost per token.
-  t_verify  per link: a line c0 + c1 * (k + 1) fitted to the cloud's reported compute ms against the
-            positions it verified (weighted least squares with forgetting): flat on a GPU, rising on a
-            CPU cloud. Until k has spread (standard deviation >= 1) the line is flat at the mean: a
-            slope from k in {1, 2} alone was noise that kept k at 1.
+  t_draft   per edge (edge/drafter.py Drafter.step_ms, and first_ms for t_first): one llama_decode step
+            of the shared drafter. A step advances every drafting session at once, so a session's draft of
+            k tokens waits about k steps whatever the others do: the step, not the step / sessions, is its
+            cost per token. The first step of a draft feeds one or two tokens (the target's own, and the
+            draft's last when all were accepted), which on a CPU costs up to twice a step: priced as one,
+            short drafts made every step look dear (ablations/results/round_profile.md).
+  t_verify  per link: the cloud's reported compute ms per draft length seen (a mean with forgetting),
+            joined by straight lines (VerifyCost): flat on a GPU, rising on a CPU cloud, and not a
+            straight line there (llama.cpp takes a slower path from 8 positions on).
   RTT       the link's RFC 6298 SRTT (edge/link.py).
   p_ahead   per session (switches.draft_ahead): the share of its rounds whose round drafted ahead was
             kept (the same Beta estimate as alpha, one trial per round). Not alpha^(k+1): the guess a
@@ -58,10 +61,13 @@ whose verify time grows with k, pays for a lookup's wrong tokens too).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 ALPHA0, PRIOR_TRIALS = 0.7, 4.0   # before a session's first round: acceptance 0.7, worth 4 tokens' evidence
 LOOKUP_ALPHA0 = 0.5               # ... of prompt-lookup drafts
 FORGET_TRIAL = 0.95                # alpha: a token 20 tries back weighs 0.95^20 = 0.36
-FORGET = 0.9                      # verify cost: per round, the round 10 rounds back weighs 0.9^10 = 0.35
+FORGET = 0.9                      # verify cost: per round of a length, the one 10 such rounds back weighs 0.35
+SPAN_MIN = 2                      # ... and no slope beyond the lengths seen until they span this many
 CAL_BINS, CAL_PRIOR = 10, 3.0       # confidence -> acceptance: 10 bins, each starting at its midpoint worth 3 tokens
 CAL_FORGET = 0.995                 # ... and remembering about the last 200 tokens that fell in it
 ALPHA_MAX = 0.98                  # keep 1 - alpha away from 0 (alpha = 1 would make every k as good as max_k)
@@ -84,6 +90,14 @@ def round_cost(draft_ms: float, flight_ms: float, p_ahead: float) -> float:
     return p_ahead * max(draft_ms, (draft_ms + flight_ms) / 2) + (1 - p_ahead) * (draft_ms + flight_ms)
 
 
+def drafting_ms(steps: int, t_draft_ms: float, first_ms: Optional[float] = None) -> float:
+    """D(steps): the drafter's time for a draft of `steps` decode steps, the first at first_ms (t_draft
+    where not known) and each next one at t_draft."""
+    if steps <= 0:
+        return 0.0
+    return (t_draft_ms if first_ms is None else first_ms) + (steps - 1) * t_draft_ms
+
+
 def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, p_ahead: float = 0.0) -> float:
     """Expected committed tokens per ms of a round that drafts k tokens in draft_ms: E[tau(k)] / round_cost."""
     alpha = min(max(alpha, 0.0), ALPHA_MAX)
@@ -91,13 +105,13 @@ def round_rate(alpha: float, k: int, draft_ms: float, rtt_ms: float, verify_ms, 
 
 
 def best_draft_length(alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms, min_k: int, max_k: int,
-                      free: int = 0, p_ahead: float = 0.0) -> int:
-    """argmax over k in [min_k, max_k] of E[tau(k)] / (max(0, k - free) t_draft + RTT + t_verify(k))
+                      free: int = 0, p_ahead: float = 0.0, first_ms: Optional[float] = None) -> int:
+    """argmax over k in [min_k, max_k] of E[tau(k)] / (D(max(0, k - free)) + RTT + t_verify(k))
     (with draft-ahead, the cost of round_rate). verify_ms: k -> the cloud's compute ms for a k-token
     draft. `free`: draft tokens that cost no drafting (a prompt lookup's). Ties go to the shorter draft."""
     best_k, best_rate = min_k, -1.0
     for k in range(min_k, max_k + 1):
-        rate = round_rate(alpha, k, max(0, k - free) * t_draft_ms, rtt_ms, verify_ms, p_ahead)
+        rate = round_rate(alpha, k, drafting_ms(k - free, t_draft_ms, first_ms), rtt_ms, verify_ms, p_ahead)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -159,16 +173,16 @@ class RateGate:
     drafter's thread: it holds its own copies of the inputs (verify ms per length precomputed)."""
 
     def __init__(self, calibration: Calibration, alpha: float, t_draft_ms: float, rtt_ms: float, verify_ms,
-                 max_k: int, p_ahead: float = 0.0) -> None:
+                 max_k: int, p_ahead: float = 0.0, first_ms: Optional[float] = None) -> None:
         self.q = calibration.q
         self.alpha = min(max(alpha, 0.0), ALPHA_MAX)
-        self.t_draft, self.rtt, self.max_k, self.p_ahead = t_draft_ms, rtt_ms, max_k, p_ahead
+        self.t_draft, self.first, self.rtt, self.max_k, self.p_ahead = t_draft_ms, first_ms, rtt_ms, max_k, p_ahead
         self.verify = [verify_ms(j) for j in range(max_k + 1)]
         self.p, self.e, self.j = 1.0, 1.0, 0          # P_j, E(j), j: the draft so far
 
     def _rate(self, j: int, e: float, p: float, steps: int) -> float:
         """E / cost of a j-token draft (all accepted with p) that ran `steps` drafting steps."""
-        cost = round_cost(steps * self.t_draft, self.rtt + self.verify[j], self.p_ahead)
+        cost = round_cost(drafting_ms(steps, self.t_draft, self.first), self.rtt + self.verify[j], self.p_ahead)
         return e / max(cost, 1e-3)
 
     def __call__(self, conf: float, forced: bool = False) -> tuple[bool, bool]:
@@ -190,20 +204,35 @@ class RateGate:
 
 
 class VerifyCost:
-    """The cloud's compute ms for a k-token draft: c0 + c1 (k + 1), fitted by least squares with forgetting."""
+    """The cloud's compute ms for a k-token draft, from what the rounds took: per draft length seen, a mean
+    with forgetting (FORGET per round of that length); between two lengths seen, the straight line between
+    them; beyond them, the slope across all the lengths seen (flat until they span SPAN_MIN: a slope from
+    k in {1, 2} alone was noise that kept k at 1). Not one line fitted to every round: a CPU cloud's cost
+    is not a line (llama.cpp decodes 8 or more positions on a slower path: 1 position 54 ms, 7 positions
+    324, 8 positions 519, ablations/results/round_profile.md), and a line through the lengths a session
+    happens to use (mostly 1, a few 7 or more) priced k = 2..6 up to 30 % too dear, which kept drafts short."""
 
     def __init__(self) -> None:
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.w: dict[int, float] = {}             # per draft length: faded weight, and faded sum of compute ms
+        self.sum: dict[int, float] = {}
 
     def observe(self, drafted: int, compute_ms: float) -> None:
-        x = drafted + 1.0
-        self.w, self.sx, self.sy = FORGET * self.w + 1, FORGET * self.sx + x, FORGET * self.sy + compute_ms
-        self.sxx, self.sxy = FORGET * self.sxx + x * x, FORGET * self.sxy + x * compute_ms
+        self.w[drafted] = FORGET * self.w.get(drafted, 0.0) + 1.0
+        self.sum[drafted] = FORGET * self.sum.get(drafted, 0.0) + compute_ms
 
     def __call__(self, k: int) -> float:
-        if self.w == 0:
+        if not self.w:
             return 0.0
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        slope = max((self.sxy / self.w - mx * my) / var, 0.0) if var >= 1.0 else 0.0   # k spread < 1: flat
-        return max(my + slope * (k + 1 - mx), 0.0)
+        seen = sorted(self.w)
+        at = {j: self.sum[j] / self.w[j] for j in seen}
+        lo, hi = seen[0], seen[-1]
+        slope = max((at[hi] - at[lo]) / (hi - lo), 0.0) if hi - lo >= SPAN_MIN else 0.0
+        if k <= lo:
+            return max(at[lo] - slope * (lo - k), 0.0)
+        if k >= hi:
+            return at[hi] + slope * (k - hi)
+        below = max(j for j in seen if j <= k)
+        above = min(j for j in seen if j >= k)
+        if below == above:
+            return at[k]
+        return at[below] + (at[above] - at[below]) * (k - below) / (above - below)

@@ -86,7 +86,8 @@ class Drafter:
         self.steps = 0                              # llama_decode batches run
         self.batched_tokens = 0                     # tokens they carried
         self.widest = 0                             # most sessions one step has advanced together
-        self.step_ms: Optional[float] = None        # EWMA of a drafting step's wall time (edge/draft_length.py's t_draft)
+        self.first_ms: Optional[float] = None       # EWMA of a step that starts a draft (its sync: edge/draft_length.py)
+        self.step_ms: Optional[float] = None        # ... of a step that only extends drafts (t_draft)
         self._jobs: list[_Job] = []                 # due, not yet taken by the worker
         self._released: list[int] = []              # sequences to clear before anything else runs
         self._wake = threading.Condition()
@@ -163,7 +164,7 @@ class Drafter:
     def _step(self, active: list[_Job]) -> list[_Job]:
         """One llama_decode for every active job; returns the jobs still drafting."""
         t0 = time.perf_counter()
-        work = []
+        work, starts = [], False
         for job in active:
             if job.synced:                 # drafting: feed its last drafted token
                 work.append((job.seq, job.tokens[-1:], 1))
@@ -172,7 +173,7 @@ class Drafter:
             keep = max(min(common_prefix(held, job.context), len(job.context) - 1), 0) if job.reuse_kv else 0
             self.runner.rollback(keep, job.seq)
             work.append((job.seq, job.context[keep:], 1))
-            job.synced = True
+            job.synced = starts = True
         rows = self.runner.decode_batch(work)
         self.steps += 1
         self.batched_tokens += sum(len(t) for _, t, _ in work)
@@ -180,7 +181,10 @@ class Drafter:
         still = [job for job, row in zip(active, rows) if not self._advance(job, row[-1])]
         if max(len(toks) for _, toks, _ in work) <= STEP_TOKENS:    # a drafting step, not a prompt's prefill
             ms = (time.perf_counter() - t0) * 1e3
-            self.step_ms = ms if self.step_ms is None else (1 - STEP_EWMA) * self.step_ms + STEP_EWMA * ms
+            if starts:                     # it fed a draft's newly committed tokens: dearer on a CPU (2 cost 2x 1)
+                self.first_ms = ms if self.first_ms is None else (1 - STEP_EWMA) * self.first_ms + STEP_EWMA * ms
+            else:
+                self.step_ms = ms if self.step_ms is None else (1 - STEP_EWMA) * self.step_ms + STEP_EWMA * ms
         return still
 
     def _advance(self, job: _Job, row: np.ndarray) -> bool:

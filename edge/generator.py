@@ -28,7 +28,7 @@ from common.config import TandemConfig
 from common.errors import CloudError, CloudUnavailable
 from common.protocol import GenerateRequest, SamplingParams, VerifyRequest
 from edge.draft_length import (LOOKUP_ALPHA0, Acceptance, Calibration, RateGate, VerifyCost, best_draft_length,
-                               round_rate)
+                               drafting_ms, round_rate)
 from edge.drafter import Draft, Drafter
 from edge.ngram import lookup, one_hot
 from edge.sessions import EdgeBusy  # noqa: F401  (re-exported: the HTTP layer answers it with 429)
@@ -358,18 +358,19 @@ class Generator:
         # A seeded sampled answer must come out the same every time: its draft lengths may not depend on
         # timing (the rounds' boundaries decide which of the cloud's random draws meets which token).
         reproducible = sampling.seed is not None and not sampling.greedy
-        if self.adaptive and self.drafter.step_ms is not None and not reproducible:
-            t_draft, rtt, verify = self.drafter.step_ms, self.link.rtt_ms or 0.0, self.verify_cost
+        if self.adaptive and self.drafter.first_ms is not None and not reproducible:
+            first, rtt, verify = self.drafter.first_ms, self.link.rtt_ms or 0.0, self.verify_cost
+            t_draft = self.drafter.step_ms if self.drafter.step_ms is not None else first
             hold = acc.ahead.alpha if self.draft_ahead else 0.0
-            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k, 0, hold), room)
+            k = min(best_draft_length(acc.model.alpha, t_draft, rtt, verify, dc.min_k, dc.max_k, 0, hold, first), room)
             if len(found) > extra:
                 m = best_draft_length(acc.lookup.alpha, 0.0, rtt, verify, 1, len(found) - extra, 0, hold)
                 if (round_rate(acc.lookup.alpha, m, 0.0, rtt, verify, hold)
-                        >= round_rate(acc.model.alpha, k, (k + extra) * t_draft, rtt, verify, hold)):
+                        >= round_rate(acc.model.alpha, k, drafting_ms(k + extra, t_draft, first), rtt, verify, hold)):
                     return _lookup_draft(found[:extra + m], sampling)
             if self.drafter.gated:
                 top = min(dc.max_k, room) + extra
-                gate = RateGate(self.calibration, acc.model.alpha, t_draft, rtt, verify, top, hold)
+                gate = RateGate(self.calibration, acc.model.alpha, t_draft, rtt, verify, top, hold, first)
                 return await self.drafter.draft(seq, context, top, sampling, rng, self.reuse_kv, extra + dc.min_k, gate)
             return await self.drafter.draft(seq, context, extra + k, sampling, rng, self.reuse_kv, extra + dc.min_k)
         want = extra + min(dc.max_k if not self.adaptive else max(dc.min_k, min(dc.max_k, FIRST_K)), room)

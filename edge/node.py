@@ -70,9 +70,10 @@ class EdgeNode:
         return self.slots.waiting
 
     def drafting_stats(self) -> dict:
-        """What the adaptive draft length is working from (edge/draft_length.py): the drafter's ms per step,
-        the cloud's verify ms fitted at a few draft lengths, and acceptance by the drafter's confidence."""
-        return {"step_ms": self.drafter.step_ms,
+        """What the adaptive draft length is working from (edge/draft_length.py): the drafter's ms per step
+        (the first of a draft, and each next one), the cloud's verify ms at a few draft lengths, and
+        acceptance by the drafter's confidence."""
+        return {"first_step_ms": self.drafter.first_ms, "step_ms": self.drafter.step_ms,
                 "verify_ms_at_k": {k: round(self.generator.verify_cost(k), 2) for k in (1, 4, 8, 12)},
                 "acceptance_by_confidence": self.generator.calibration.table()}
 

@@ -82,6 +82,26 @@ def test_acceptance_and_verify_cost_estimates():
     assert v(12) > v(1) and v(6) == pytest.approx(90.0, rel=0.2)
 
 
+def test_verify_cost_follows_each_length_not_one_line():
+    """A CPU cloud's cost by draft length as round_profile measured it (llama.cpp: slower from 8 positions
+    on): many rounds of k=1, one of k=4, a few of k=7 and 12. Each length seen is priced as it was, the ones
+    between on the line between their neighbours, the ones beyond on the slope across all of them."""
+    v = VerifyCost()
+    for k, ms in [(1, 128.0)] * 30 + [(4, 229.0)] + [(7, 613.0)] * 3 + [(12, 650.0)] * 2:
+        v.observe(k, ms)
+    assert v(1) == pytest.approx(128.0) and v(4) == pytest.approx(229.0) and v(7) == pytest.approx(613.0)
+    assert v(2) == pytest.approx(128.0 + 101.0 / 3) and v(3) == pytest.approx(128.0 + 202.0 / 3)
+    assert v(10) == pytest.approx(613.0 + 37.0 * 3 / 5)
+    slope = (650.0 - 128.0) / 11
+    assert v(13) == pytest.approx(650.0 + slope) and v(0) == pytest.approx(128.0 - slope)
+    v.observe(1, 228.0)                       # the cloud got slower: the newest rounds of a length weigh most
+    assert 128.0 + 9 < v(1) < 228.0
+    w = VerifyCost()
+    for k in (1, 2, 1, 2):
+        w.observe(k, 100.0 * k)               # lengths 1 and 2 only: no slope beyond them
+    assert w(5) == pytest.approx(200.0) and w(1) == pytest.approx(100.0)
+
+
 # --- prompt lookup --------------------------------------------------------------------------------
 def test_lookup_prefers_the_longest_suffix_then_the_latest_occurrence():
     assert lookup([1, 2, 3, 9, 1, 2, 3], 4) == [9, 1, 2, 3]            # 3-gram "1 2 3" at 0: what followed
@@ -162,7 +182,7 @@ def test_calibration_learns_acceptance_by_confidence():
 class RuleDrafter:
     """A fake drafter: proposes last + 1 (the table's argmax), except after a multiple of 7 (last + 2);
     sampled: q = 0.6 on last + 1, 0.4 on last + 2. Each step 'takes' step_ms."""
-    step_ms = 2.0
+    step_ms = first_ms = 2.0
     gated = True            # adaptive drafts come with the rate gate: it is asked about every token (confidence 0.9)
 
     def __init__(self):

